@@ -1,0 +1,357 @@
+"""The KLiSH main job: generator → features → K-means → merge loop → trajectory, pictures, report.
+
+``run_klish_job(config, run_dir)`` is what ``python launch/klish.py`` calls; it is
+importable so research code and tests run the very same pipeline.
+
+Run directory layout (also written to ``manifest.json``)::
+
+    config.json          the configuration (what defines the results)
+    latents.npy          the generator inputs of the clustered samples
+    trajectory/<step>/   Orbax: one merge record per step (K, W, b, IoU, ECoS, p→q, sizes)
+    state/<step>/        Orbax: resumable algorithm state (latest two)
+    init.json            K-means / filter / first-solve statistics
+    clusters.png         cluster maps of a few samples for several K
+    trajectory.png       min IoU and merged-pair ECoS against K
+    trajectory.json      per-K summary (min IoU, p, q, ECoS, solver iterations)
+    report.md            a short report linking the above
+    summary.json         timings and the main numbers
+    manifest.json        what is where
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+__all__ = ["KlishJobConfig", "run_klish_job", "ConfigError", "apply_generator_settings"]
+
+
+class ConfigError(ValueError):
+    """Impossible arguments or a run directory that does not fit them."""
+
+
+@dataclasses.dataclass
+class KlishJobConfig:
+    """Everything that defines a KLiSH run's results (devices and output folder excluded).
+
+    Defaults are the CPU defaults of the embedded DCGAN main job.
+    """
+
+    generator: str = "dcgan-digiface"
+    num_images: int = 100
+    resolution: int = 32
+    k0: int = 100
+    seed: int = 0
+    channel_budget: int = 1000
+    filter_clusters: bool = True
+    lam: float = 5000.0
+    tol: float = 1e-4
+    svm_max_iter: int = 3000
+    kmeans_iters: int = 20
+    retrain: str = "merged"
+    truncation: Optional[float] = None
+    batch_size: int = 16
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self):
+        if self.num_images < 1:
+            raise ConfigError(f"--num-images must be >= 1, got {self.num_images}")
+        if self.resolution < 1:
+            raise ConfigError(f"--resolution must be >= 1, got {self.resolution}")
+        if self.k0 < 2:
+            raise ConfigError(f"--k0 must be >= 2 (KLiSH merges K0-1 times), got {self.k0}")
+        npix = self.num_images * self.resolution ** 2
+        if self.k0 > npix:
+            raise ConfigError(
+                f"--k0 {self.k0} is larger than the number of pixels to cluster "
+                f"({self.num_images} images × {self.resolution}² = {npix}); lower --k0 or raise "
+                "--num-images / --resolution"
+            )
+        if self.retrain not in ("merged", "all"):
+            raise ConfigError(f"--retrain must be 'merged' or 'all', got {self.retrain!r}")
+        if self.lam <= 0 or self.tol <= 0:
+            raise ConfigError("--lam and --tol must be positive")
+        if self.truncation is not None and not (0.0 < self.truncation <= 1.0 or self.truncation > 0):
+            raise ConfigError(f"--truncation must be positive, got {self.truncation}")
+
+
+def apply_generator_settings(gen, cfg: dict):
+    """Apply run-level generation settings (truncation) to a loaded generator, if it has them."""
+    psi = cfg.get("truncation")
+    if psi is None:
+        return gen
+    for field in ("truncation_psi", "truncation"):
+        if field in {f.name for f in dataclasses.fields(gen)}:
+            return gen.replace(**{field: float(psi)})
+    raise ConfigError(f"--truncation is not supported by the {gen.family} generator")
+
+
+def _prepare_run_dir(run_dir: str, config: KlishJobConfig, resume: bool) -> bool:
+    """Create/validate the run directory. Returns True if there is earlier state to resume."""
+    cfg_path = os.path.join(run_dir, "config.json")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            old = json.load(f)
+        if not resume:
+            raise ConfigError(
+                f"{run_dir!r} already holds a run; pass --resume to continue it, or choose another --out"
+            )
+        new = config.to_dict()
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            details = ", ".join(f"{k}: run has {old.get(k)!r}, you asked {new.get(k)!r}" for k in diff)
+            raise ConfigError(
+                f"--resume: {run_dir!r} was made with a different configuration ({details}); "
+                "use the same flags, or a new --out"
+            )
+        return os.path.isdir(os.path.join(run_dir, "state"))
+    if os.path.isdir(run_dir) and os.listdir(run_dir) and not resume:
+        raise ConfigError(f"{run_dir!r} exists and is not empty; choose another --out")
+    os.makedirs(run_dir, exist_ok=True)
+    with open(cfg_path, "w") as f:
+        json.dump(config.to_dict(), f, indent=2)
+    return False
+
+
+def _log(msg: str, quiet: bool):
+    if not quiet:
+        print(f"[gansem] {msg}", flush=True)
+
+
+def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] = None, resume: bool = False,
+                  progress: bool = True, quiet: bool = False, max_steps: Optional[int] = None,
+                  vis_ks: Optional[Sequence[int]] = None, num_vis: int = 6) -> dict:
+    """Run (or resume) KLiSH end to end and write the run directory.
+
+    Args:
+        config: what to run.
+        run_dir: output folder (created; must be new unless ``resume``).
+        devices: number of devices for the data mesh (``None``: all).
+        resume: continue from the latest saved merge step of ``run_dir``.
+        progress: show progress bars.
+        max_steps: stop after this many merge steps in this call (for tests of interruption).
+        vis_ks: K values shown in ``clusters.png`` (default: a handful spread over the trajectory).
+        num_vis: number of samples in ``clusters.png``.
+
+    Returns:
+        The summary dict also written to ``summary.json``.
+    """
+    import jax
+
+    from . import sharding
+    from .checkpoint import RunCheckpoints
+    from .cluster import klish as K
+    from .features import extract_features, select_feature_layers
+    from .generators import load_generator
+
+    config.validate()
+    t_start = time.time()
+    timings = {}
+    has_state = _prepare_run_dir(run_dir, config, resume)
+    cfg = config.to_dict()
+
+    # -- generator and features -----------------------------------------------------------
+    t = time.time()
+    gen, params, gen_meta = load_generator(config.generator)
+    gen = apply_generator_settings(gen, cfg)
+    layers = select_feature_layers(gen.feature_layers(), config.channel_budget)
+    dim = sum(l.channels for l in layers)
+    _log(f"generator {gen_meta.get('name', config.generator)} ({gen.family}, {gen.resolution}px); "
+         f"layers {[l.name for l in layers]} → D={dim}", quiet)
+    key = jax.random.key(config.seed)
+    latents = np.asarray(gen.sample_latents(jax.random.fold_in(key, 0), config.num_images), np.float32)
+    class_labels = gen.sample_class_labels(jax.random.fold_in(key, 1), config.num_images)
+    class_labels = None if class_labels is None else np.asarray(class_labels, np.int32)
+    np.save(os.path.join(run_dir, "latents.npy"), latents)
+    if class_labels is not None:
+        np.save(os.path.join(run_dir, "class_labels.npy"), class_labels)
+    images, feats = extract_features(gen, params, latents, layers, config.resolution, class_labels,
+                                     batch_size=config.batch_size, progress=progress)
+    if not np.all(np.isfinite(feats)):
+        bad = int((~np.isfinite(feats)).any(axis=(1, 2, 3)).sum())
+        raise ConfigError(
+            f"the generator produced NaN/Inf features for {bad} of {config.num_images} samples; "
+            "check the checkpoint (a corrupt or mismatched conversion) or the truncation setting"
+        )
+    x_host = feats.reshape(-1, dim)
+    del feats
+    timings["features_s"] = time.time() - t
+
+    # -- devices --------------------------------------------------------------------------
+    mesh = sharding.make_mesh(devices)
+    n_dev = mesh.devices.size
+    layout = sharding.plan_rows(x_host.shape[0], n_dev)
+    if layout.padded_rows != x_host.shape[0]:
+        _log(f"{x_host.shape[0]} pixels padded to {layout.padded_rows} rows ({layout.num_chunks} chunks) "
+             f"for {n_dev} device(s); padding is masked out of every statistic", quiet)
+    x, valid = sharding.shard_rows(x_host, mesh, multiple=layout.padded_rows)
+    del x_host
+    _log(f"{config.num_images} images × {config.resolution}² = {layout.num_rows} pixels × {dim} features "
+         f"on {n_dev} {jax.default_backend()} device(s)", quiet)
+
+    ck = RunCheckpoints(run_dir)
+    solver_kw = dict(lam=config.lam, tol=config.tol)
+    try:
+        # -- initial state ----------------------------------------------------------------
+        t = time.time()
+        if has_state and ck.latest_state_step() is not None:
+            step = ck.latest_state_step()
+            arrays, meta = ck.load_state(step)
+            state = K.state_from_host(arrays, meta, mesh=mesh, layout=layout)
+            _log(f"resuming from merge step {step} (K={int(state.k)})", quiet)
+            with open(os.path.join(run_dir, "init.json")) as f:
+                init_info = json.load(f)
+        else:
+            _log(f"K-means++ (K0={config.k0}) and initial SVMs...", quiet)
+            state, init_info = K.klish_init(
+                jax.random.fold_in(key, 2), x, valid, config.k0, mesh=mesh, layout=layout,
+                filter_clusters=config.filter_clusters, kmeans_iters=config.kmeans_iters,
+                svm_max_iter=config.svm_max_iter, **solver_kw)
+            init_info = _jsonable(init_info)
+            with open(os.path.join(run_dir, "init.json"), "w") as f:
+                json.dump(init_info, f, indent=2)
+            step = 0
+            ck.save_step(0, None, state)
+            timings["init_s"] = time.time() - t
+            _log(f"initial clusters: {int(state.k)} (after filter) in {timings['init_s']:.1f}s", quiet)
+
+        # -- merge loop -------------------------------------------------------------------
+        t = time.time()
+        from tqdm.auto import tqdm
+
+        total = int(state.k) - 1
+        done_here = 0
+        with tqdm(total=step + total, initial=step, desc="KLiSH merges", disable=not progress, unit="merge") as bar:
+            while int(state.k) > 1:
+                if max_steps is not None and done_here >= max_steps:
+                    break
+                state, rec = K.klish_step(state, x, valid, mesh=mesh, layout=layout, retrain=config.retrain,
+                                          svm_max_iter=config.svm_max_iter, **solver_kw)
+                step += 1
+                done_here += 1
+                ck.save_step(step, rec, state)
+                bar.update(1)
+                bar.set_postfix(K=int(rec.k), minIoU=f"{float(np.min(rec.iou)):.3f}", it=int(rec.svm_iters))
+        timings["merge_s"] = time.time() - t
+    finally:
+        ck.close()
+
+    complete = int(state.k) <= 1
+    summary = {"complete": complete, "steps": step, "devices": n_dev, "backend": jax.default_backend(),
+               "pixels": layout.num_rows, "feature_dim": dim, "layers": [l.name for l in layers],
+               "timings": timings}
+    if complete:
+        t = time.time()
+        summary.update(write_outputs(run_dir, gen, params, layers, latents, class_labels, images,
+                                     vis_ks=vis_ks, num_vis=num_vis, quiet=quiet))
+        timings["outputs_s"] = time.time() - t
+    timings["total_s"] = time.time() - t_start
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(_jsonable(summary), f, indent=2)
+    write_manifest(run_dir)
+    return summary
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.generic,)):
+        return obj.item()
+    if hasattr(obj, "shape") and hasattr(obj, "dtype"):
+        a = np.asarray(obj)
+        return a.item() if a.ndim == 0 else a.tolist()
+    return obj
+
+
+def default_vis_ks(ks: Sequence[int], n: int = 6) -> list[int]:
+    """A handful of K values spread over the trajectory (largest first)."""
+    ks = sorted(set(int(k) for k in ks), reverse=True)
+    cands = [ks[0]] + [k for k in (50, 30, 20, 12, 8, 5, 3) if k in ks and k < ks[0]]
+    return cands[:n]
+
+
+def write_outputs(run_dir, gen, params, layers, latents, class_labels, images, vis_ks=None, num_vis=6,
+                  quiet=False) -> dict:
+    """Pictures, per-K summary and the report of a finished trajectory."""
+    from . import viz
+    from .checkpoint import load_trajectory
+    from .segment import Segmenter
+
+    traj = load_trajectory(run_dir)
+    ks = [int(r["k"]) for r in traj]
+    min_iou = [float(np.min(r["iou"])) for r in traj]
+    ecos_pq = [float(r["ecos"][int(r["p"]), int(r["q"])]) for r in traj]
+    rows = [{"k": int(r["k"]), "min_iou": mi, "mean_iou": float(np.mean(r["iou"])), "p": int(r["p"]),
+             "q": int(r["q"]), "ecos_pq": e, "svm_iters": int(r.get("svm_iters", -1)),
+             "svm_converged": bool(r.get("svm_converged", True)), "sizes_min": int(np.min(r["sizes"]))}
+            for r, mi, e in zip(traj, min_iou, ecos_pq)]
+    with open(os.path.join(run_dir, "trajectory.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    viz.trajectory_plot(ks, min_iou, ecos_pq, os.path.join(run_dir, "trajectory.png"))
+
+    vis_ks = list(vis_ks) if vis_ks else default_vis_ks(ks)
+    n = min(num_vis, latents.shape[0])
+    with open(os.path.join(run_dir, "config.json")) as f:
+        cfg = json.load(f)
+    maps = {}
+    imgs = None
+    for k in vis_ks:
+        W, b = next((r["W"], r["b"]) for r in traj if int(r["k"]) == k)
+        seg = Segmenter(gen, params, tuple(layers), W, b, k, cfg)
+        out = seg.segment_latents(latents[:n], None if class_labels is None else class_labels[:n],
+                                  batch_size=min(16, n))
+        maps[f"K={k}"] = out["labels"]
+        imgs = out["images"]
+    viz.cluster_map_figure(imgs, maps, os.path.join(run_dir, "clusters.png"),
+                           title="KLiSH cluster maps of training samples")
+    unconverged = [r["k"] for r in rows if not r["svm_converged"]]
+    lines = [
+        "# KLiSH run report", "",
+        f"Generator `{cfg['generator']}`, {cfg['num_images']} images at {cfg['resolution']}² "
+        f"({cfg['num_images'] * cfg['resolution'] ** 2} pixels), K0 = {cfg['k0']}, seed {cfg['seed']}, "
+        f"λ1 = {cfg['lam']}, filter {'on' if cfg['filter_clusters'] else 'off'}, retrain `{cfg['retrain']}`.", "",
+        "## Cluster maps", "", "![cluster maps](clusters.png)", "",
+        "## Separability along the trajectory", "", "![trajectory](trajectory.png)", "",
+        "| K | min IoU | mean IoU | merged p → q | ECoS(p,q) | SVM iters |", "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['k']} | {r['min_iou']:.3f} | {r['mean_iou']:.3f} | {r['p']} → {r['q']} | "
+                     f"{r['ecos_pq']:.3f} | {r['svm_iters']}{'' if r['svm_converged'] else ' (not converged)'} |")
+    lines += ["", "Indices p, q refer to the cluster order at that K (row p is removed after the merge).",
+              "", f"SVM solves that did not converge: {unconverged if unconverged else 'none'}.", "",
+              "Segment new samples: `python launch/segment.py --run RUN_DIR --k K --num-samples N --seed S "
+              "--out FILE.npz` (or `--threshold PHI`).", ""]
+    with open(os.path.join(run_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+    _log(f"wrote {os.path.join(run_dir, 'report.md')}", quiet)
+    return {"vis_ks": vis_ks, "min_iou_by_k": {str(k): v for k, v in zip(ks, min_iou)}}
+
+
+_MANIFEST = {
+    "config.json": "configuration of the run (flags that define the results)",
+    "latents.npy": "generator inputs (z) of the clustered samples, float32 [N, ...]",
+    "class_labels.npy": "class labels of the clustered samples (conditional generators)",
+    "init.json": "K-means++ / Lloyd / initial filter / first SVM solve statistics",
+    "trajectory": "Orbax checkpoints, one per merge step: k, W [k,D], b [k], iou [k], ecos [k,k], p, q, sizes [k], solver stats",
+    "state": "Orbax checkpoints of the resumable algorithm state (latest two)",
+    "trajectory.json": "per-K summary: min/mean IoU, merged pair, ECoS, solver iterations",
+    "trajectory.png": "plot of min IoU and merged-pair ECoS against K",
+    "clusters.png": "cluster maps of a few samples for several K",
+    "report.md": "short report linking the pictures and the per-K table",
+    "summary.json": "timings, devices, main numbers",
+}
+
+
+def write_manifest(run_dir: str):
+    entries = {k: v for k, v in _MANIFEST.items() if os.path.exists(os.path.join(run_dir, k))}
+    with open(os.path.join(run_dir, "manifest.json"), "w") as f:
+        json.dump({"run_dir": os.path.abspath(run_dir), "files": entries}, f, indent=2)

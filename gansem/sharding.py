@@ -1,0 +1,308 @@
+"""Devices, meshes and row sharding: the only module in gansem that knows about devices.
+
+Everything else receives arrays that are already placed. The data axis of every
+mesh is called ``"data"``; row-sharded arrays (pixel features, labels) are split
+over it, parameters and small statistics are replicated.
+
+Row counts rarely divide the number of devices, so row-sharded data always
+travels with a float32 ``valid`` mask (1 for real rows, 0 for padding) and every
+reduction is weighted by it. Padding never changes a result.
+
+Example::
+
+    from gansem import sharding
+    sharding.simulate_cpu_devices(8)     # before JAX starts; no-op on GPU/TPU hosts
+    mesh = sharding.make_mesh(8)
+    x, valid = sharding.shard_rows(features, mesh)   # [N_pad, D], [N_pad]
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Optional
+
+import numpy as np
+
+__all__ = [
+    "DATA_AXIS",
+    "simulate_cpu_devices",
+    "make_mesh",
+    "row_sharding",
+    "replicated",
+    "pad_rows",
+    "shard_rows",
+    "padded_length",
+    "DeviceError",
+    "RowLayout",
+    "plan_rows",
+    "row_reduce",
+    "row_map",
+]
+
+DATA_AXIS = "data"
+
+
+class DeviceError(RuntimeError):
+    """Raised when the requested devices cannot be provided."""
+
+
+def simulate_cpu_devices(n: int) -> None:
+    """Ask XLA for ``n`` host (CPU) devices. Must run before JAX initialises its backends.
+
+    On a machine whose default backend already has ``n`` or more devices (a GPU
+    node) this does nothing harmful: the flag only affects the CPU platform.
+
+    Raises:
+        DeviceError: if JAX's backends are already initialised with fewer CPU
+            devices than requested (the flag can no longer take effect).
+    """
+    if n < 1:
+        raise DeviceError(f"--devices must be at least 1, got {n}")
+    flags = os.environ.get("XLA_FLAGS", "")
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags).strip()
+    os.environ["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={n}").strip()
+    if "jax" in sys.modules:
+        import jax
+
+        try:
+            from jax._src import xla_bridge  # private, but the only way to know
+
+            initialised = bool(getattr(xla_bridge, "_backends", {}))
+        except Exception:  # pragma: no cover - defensive
+            initialised = True
+        if initialised and len(jax.devices("cpu")) < n and jax.default_backend() == "cpu":
+            raise DeviceError(
+                f"JAX is already running with {len(jax.devices('cpu'))} CPU device(s); "
+                f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} before importing jax "
+                "(launch scripts do this for you when --devices is given first thing)."
+            )
+
+
+def make_mesh(num_devices: Optional[int] = None):
+    """A 1-D mesh over the first ``num_devices`` devices of the default backend.
+
+    Args:
+        num_devices: how many devices to use; ``None`` uses all of them.
+
+    Returns:
+        ``jax.sharding.Mesh`` with the single axis ``"data"`` (axis type Auto, so
+        ``jax.jit`` propagates shardings and ``jax.shard_map`` splits explicitly).
+
+    Raises:
+        DeviceError: more devices requested than exist, with what to do about it.
+    """
+    import jax
+    from jax.sharding import AxisType, Mesh
+
+    devices = jax.devices()
+    n = len(devices) if num_devices is None else int(num_devices)
+    if n < 1:
+        raise DeviceError(f"number of devices must be >= 1, got {n}")
+    if n > len(devices) and jax.default_backend() != "cpu" and len(jax.devices("cpu")) >= n:
+        import warnings
+
+        warnings.warn(
+            f"{n} devices requested but only {len(devices)} {jax.default_backend()} device(s) exist; "
+            f"using {n} simulated CPU devices instead"
+        )
+        devices = jax.devices("cpu")
+    if n > len(devices):
+        raise DeviceError(
+            f"{n} devices requested but only {len(devices)} {jax.default_backend()} device(s) exist. "
+            f"On CPU, start the program with XLA_FLAGS=--xla_force_host_platform_device_count={n} "
+            "(launch/*.py --devices N does this) or ask for fewer devices."
+        )
+    return Mesh(np.asarray(devices[:n]), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def row_sharding(mesh):
+    """``NamedSharding`` that splits axis 0 over the data axis and replicates the rest."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh):
+    """``NamedSharding`` that replicates an array on every device of ``mesh``."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    return NamedSharding(mesh, P())
+
+
+def padded_length(n: int, multiple: int) -> int:
+    """Smallest length >= n divisible by ``multiple``."""
+    return -(-n // multiple) * multiple
+
+
+def pad_rows(x: np.ndarray, multiple: int, fill=0) -> tuple[np.ndarray, np.ndarray]:
+    """Pad axis 0 of a host array to a multiple of ``multiple``.
+
+    Returns:
+        ``(x_padded [N_pad, ...], valid [N_pad] float32)`` with ``valid`` 1 on real rows.
+    """
+    n = x.shape[0]
+    n_pad = padded_length(n, multiple)
+    valid = np.zeros((n_pad,), np.float32)
+    valid[:n] = 1.0
+    if n_pad == n:
+        return x, valid
+    pad = np.full((n_pad - n,) + x.shape[1:], fill, dtype=x.dtype)
+    return np.concatenate([x, pad], axis=0), valid
+
+
+def shard_rows(x, mesh, fill=0, multiple: Optional[int] = None):
+    """Pad rows to a multiple of the mesh size (or ``multiple``) and place them row-sharded.
+
+    Args:
+        x: host or device array ``[N, ...]``.
+        mesh: mesh from :func:`make_mesh`.
+        fill: value used for padding rows.
+        multiple: row multiple (defaults to the number of devices in ``mesh``).
+
+    Returns:
+        ``(x_sharded [N_pad, ...], valid [N_pad] float32)``, both row-sharded.
+    """
+    import jax
+
+    m = mesh.devices.size if multiple is None else multiple
+    xh = np.asarray(x)
+    xp, valid = pad_rows(xh, m, fill)
+    sh = row_sharding(mesh)
+    return jax.device_put(xp, sh), jax.device_put(valid, sh)
+
+
+# -- device-count-invariant row computations ------------------------------------------
+#
+# Sums over millions of rows (K-means statistics, SVM gradients, contingency
+# tables) are computed chunk by chunk: rows are cut into ``num_chunks`` equal
+# chunks, each chunk's partial result is computed with the same shapes whatever
+# the number of devices, and the partials are added in chunk order. The result is
+# therefore bit-identical on 1, 2, 4 or 8 devices (any device count dividing the
+# chunk count), and memory per step is bounded by one chunk.
+
+import dataclasses as _dc
+
+
+@_dc.dataclass(frozen=True)
+class RowLayout:
+    """How ``num_rows`` real rows are padded and cut into chunks.
+
+    Attributes:
+        num_rows: real rows N.
+        num_chunks: chunks G (a multiple of 8 and of the device count).
+        chunk_rows: rows per chunk; ``padded_rows = num_chunks * chunk_rows``.
+    """
+
+    num_rows: int
+    num_chunks: int
+    chunk_rows: int
+
+    @property
+    def padded_rows(self) -> int:
+        return self.num_chunks * self.chunk_rows
+
+
+def plan_rows(num_rows: int, num_devices: int, max_chunk_rows: int = 16384) -> RowLayout:
+    """Choose a chunking of ``num_rows`` rows for ``num_devices`` devices.
+
+    The chunk count is a multiple of ``lcm(num_devices, 8)``, so layouts (and
+    therefore results) are identical for every device count that divides 8.
+    """
+    import math
+
+    if num_rows < 1:
+        raise ValueError(f"need at least one row, got {num_rows}")
+    base = math.lcm(int(num_devices), 8)
+    g = max(1, -(-num_rows // max_chunk_rows))
+    g = padded_length(g, base)
+    chunk = -(-num_rows // g)
+    return RowLayout(num_rows=num_rows, num_chunks=g, chunk_rows=chunk)
+
+
+def _check_layout(mesh, layout: RowLayout):
+    n_dev = mesh.devices.size
+    if layout.num_chunks % n_dev:
+        raise DeviceError(
+            f"{layout.num_chunks} row chunks cannot be split over {n_dev} devices; "
+            "build the layout with plan_rows(num_rows, num_devices)"
+        )
+
+
+def row_reduce(fn, mesh, layout: RowLayout, row_args, bcast_args=()):
+    """``sum over chunks c of fn(*row_args[c], *bcast_args)``, bit-identical across device counts.
+
+    Args:
+        fn: ``fn(*row_chunk_args, *bcast_args) -> pytree`` of partial sums for one
+            chunk of ``layout.chunk_rows`` rows. Must be traceable.
+        mesh: mesh from :func:`make_mesh`.
+        layout: the :class:`RowLayout` the row arrays were padded with.
+        row_args: tuple of row-sharded arrays ``[padded_rows, ...]``.
+        bcast_args: tuple of replicated arrays (parameters).
+
+    Returns:
+        The pytree of totals, replicated. Call inside or outside ``jax.jit``.
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    _check_layout(mesh, layout)
+    n_local = layout.num_chunks // mesh.devices.size
+    row_args = tuple(row_args)
+    bcast_args = tuple(bcast_args)
+
+    def local(rows, bcast):
+        chunks = jax.tree.map(lambda a: a.reshape((n_local, layout.chunk_rows) + a.shape[1:]), rows)
+        partials = jax.lax.map(lambda r: fn(*r, *bcast), chunks)
+        gathered = jax.tree.map(lambda p: jax.lax.all_gather(p, DATA_AXIS, tiled=True), partials)
+        return jax.tree.map(lambda p: _ordered_sum(p), gathered)
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(tuple(P(DATA_AXIS) for _ in row_args), tuple(P() for _ in bcast_args)),
+        out_specs=P(),
+        check_vma=False,
+    )(row_args, bcast_args)
+
+
+def _ordered_sum(p):
+    """Sum over axis 0 in a fixed sequential order (independent of how XLA vectorises reductions)."""
+    import jax
+
+    def body(acc, x):
+        return acc + x, None
+
+    acc, _ = jax.lax.scan(body, p[0], p[1:])
+    return acc
+
+
+def row_map(fn, mesh, layout: RowLayout, row_args, bcast_args=()):
+    """Apply ``fn`` chunk by chunk to row-sharded arrays; outputs stay row-sharded.
+
+    ``fn(*row_chunk_args, *bcast_args)`` returns a pytree of arrays whose leading
+    axis is the chunk's rows. Same chunk shapes on every device count, so every
+    row's result is bit-identical across device counts.
+    """
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    _check_layout(mesh, layout)
+    n_local = layout.num_chunks // mesh.devices.size
+    row_args = tuple(row_args)
+    bcast_args = tuple(bcast_args)
+
+    def local(rows, bcast):
+        chunks = jax.tree.map(lambda a: a.reshape((n_local, layout.chunk_rows) + a.shape[1:]), rows)
+        out = jax.lax.map(lambda r: fn(*r, *bcast), chunks)
+        return jax.tree.map(lambda o: o.reshape((n_local * layout.chunk_rows,) + o.shape[2:]), out)
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(tuple(P(DATA_AXIS) for _ in row_args), tuple(P() for _ in bcast_args)),
+        out_specs=P(DATA_AXIS),
+        check_vma=False,
+    )(row_args, bcast_args)

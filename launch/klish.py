@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""KLiSH end to end: sample a GAN, cluster its pixel features, record the merge trajectory.
+
+Runbook (the embedded default, a 64×64 DigiFace DCGAN, 2-core CPU):
+
+    python launch/klish.py --out runs/dcgan            # ~4 min, see README for measured times
+    python launch/klish.py --devices 8 --out runs/d8   # same trajectory, 8 simulated CPU devices
+    python launch/klish.py --out runs/dcgan --resume   # continue an interrupted run
+
+Any supported checkpoint works too:
+
+    python -m weights_port convert ffhq.pkl ckpt/ffhq
+    python launch/klish.py --checkpoint ckpt/ffhq --resolution 256 --num-images 256 --devices 8
+
+The run directory's manifest.json says what each output file is.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch/klish.py",
+        description=(
+            "Run KLiSH (K-means with Linear Separability Heuristic, Xu et al., TPAMI) on a pretrained GAN: "
+            "generator features → K-means++ with K0 clusters → one-vs-rest L2-SVMs (Eq. 3, L-BFGS) → "
+            "IoU (Eq. 4) / ECoS (Eq. 5) → merge the least separable cluster into the one that confuses it "
+            "most, K0-1 times. Writes the Orbax trajectory, cluster-map pictures, a plot and a report."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--generator", default="dcgan-digiface",
+                   help="built-in generator name (dcgan-digiface: the 64x64 DigiFace DCGAN whose weights ship "
+                        "in the gan-face-generate wheel)")
+    g.add_argument("--checkpoint", default=None,
+                   help="a gansem checkpoint directory (python -m weights_port convert SRC DST) or an original "
+                        "checkpoint file (NVIDIA .pkl, rosinality .pt, genforce .pth, BigGAN pytorch_model.bin); "
+                        "overrides --generator")
+    g.add_argument("--truncation", type=float, default=None,
+                   help="truncation ψ for generators that have one (StyleGAN family, BigGAN); default: the "
+                        "generator's own setting")
+    g = p.add_argument_group("data")
+    g.add_argument("--num-images", type=int, default=100, help="number of generated samples whose pixels are clustered")
+    g.add_argument("--resolution", type=int, default=32,
+                   help="common resolution R the selected feature maps are bilinearly resized to; "
+                        "pixels clustered = num-images × R²  (the paper uses 256 for 256-1024 px GANs)")
+    g.add_argument("--channel-budget", type=int, default=1000,
+                   help="layer rule: last layer of each resolution, from high to low resolution, while the total "
+                        "channel count stays within this budget")
+    g.add_argument("--seed", type=int, default=0, help="seed for latents, K-means++ and everything random")
+    g.add_argument("--batch-size", type=int, default=16, help="generator batch size for feature extraction")
+    g = p.add_argument_group("clustering")
+    g.add_argument("--k0", type=int, default=100, help="initial number of K-means clusters K0")
+    g.add_argument("--no-filter", action="store_true",
+                   help="skip the initial-cluster filter (drop clusters whose inverse-sigmoid IoU is below "
+                        "mean - std, then re-run K-means); the filter is on by default as in the paper")
+    g.add_argument("--kmeans-iters", type=int, default=20, help="maximum Lloyd iterations after K-means++")
+    g.add_argument("--lam", type=float, default=5000.0, help="λ1 of Eq. 3 (SVM loss weight)")
+    g.add_argument("--tol", type=float, default=1e-4,
+                   help="SVM convergence: L∞ change of W below this (guarded against premature stops)")
+    g.add_argument("--svm-max-iter", type=int, default=3000,
+                   help="L-BFGS iteration limit per solve; solves that hit it are reported as not converged")
+    g.add_argument("--retrain", choices=("merged", "all"), default="merged",
+                   help="after each merge re-solve only the merged class (exact: Eq. 3 is a sum of independent "
+                        "binary SVMs) or all classes jointly as the original implementation does")
+    g = p.add_argument_group("run")
+    g.add_argument("--devices", type=int, default=None,
+                   help="number of devices to shard pixels over; on a machine with fewer devices N CPU devices "
+                        "are simulated (results are identical for any count dividing 8). Default: all devices")
+    g.add_argument("--out", default=None, help="run directory (default: runs/<generator>-k<K0>-s<seed>)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last completed merge step (same flags required)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--quiet", action="store_true", help="no log lines")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from gansem import sharding
+
+    if args.devices is not None:
+        try:
+            sharding.simulate_cpu_devices(args.devices)  # before JAX starts
+        except sharding.DeviceError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    from gansem.generators import GeneratorError
+    from gansem.pipeline import ConfigError, KlishJobConfig, run_klish_job
+
+    spec = args.checkpoint or args.generator
+    config = KlishJobConfig(
+        generator=spec, num_images=args.num_images, resolution=args.resolution, k0=args.k0, seed=args.seed,
+        channel_budget=args.channel_budget, filter_clusters=not args.no_filter, lam=args.lam, tol=args.tol,
+        svm_max_iter=args.svm_max_iter, kmeans_iters=args.kmeans_iters, retrain=args.retrain,
+        truncation=args.truncation, batch_size=args.batch_size,
+    )
+    name = os.path.basename(os.path.normpath(spec))
+    out = args.out or os.path.join("runs", f"{name}-k{args.k0}-s{args.seed}")
+    try:
+        summary = run_klish_job(config, out, devices=args.devices, resume=args.resume,
+                                progress=not args.no_progress, quiet=args.quiet)
+    except (ConfigError, GeneratorError, sharding.DeviceError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with: python launch/klish.py {' '.join(sys.argv[1:])} --resume"
+              if "--resume" not in sys.argv else "\ninterrupted; rerun the same command to continue", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        t = summary["timings"]
+        print(f"[gansem] done in {t.get('total_s', 0):.0f}s: {os.path.join(out, 'report.md')} "
+              f"(manifest: {os.path.join(out, 'manifest.json')})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
