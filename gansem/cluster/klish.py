@@ -1,0 +1,463 @@
+"""KLiSH: K-means with Linear Separability Heuristic (Algorithm 1 of Xu et al.).
+
+Starting from K0 K-means clusters, repeat until one cluster is left:
+
+1. train the one-vs-rest SVMs of Eq. 3 on the current clusters
+   (:mod:`gansem.cluster.svm`);
+2. IoU of every cluster with its SVM's positive set (Eq. 4, counts over the
+   whole dataset) and the ECoS matrix (Eq. 5, cosine similarity of the clamped
+   score maps ``clamp((s + 1) / 2, 0, 1)``);
+3. ``p = argmin_k IoU_k`` (least linearly separable cluster),
+   ``q = argmax_{j != p} ECoS[p, j]``;
+4. merge p into q: rows labelled p get label q, row p of (W, b) is deleted and
+   q keeps its weights as the warm start of the next solve (as in Algorithm 1;
+   the original code averages w_p and w_q instead). Indices above p shift down.
+
+After a merge only the SVM of q has a new problem (every other class keeps its
+positives and its negatives), so ``retrain="merged"`` (default) re-solves that
+single class; ``retrain="all"`` re-solves every class from the warm start. Both
+reach the same optimum of Eq. 3.
+
+Initial-cluster filter (Sec. 3.2, on by default): train the SVMs on the K0
+clusters, map IoU through the inverse sigmoid (IoU clipped to [1e-6, 1-1e-6]),
+drop clusters whose logit is below ``mean - std`` (population std), and re-run
+Lloyd from the kept centroids.
+
+Shapes: the merge-statistics pass keeps W padded to a multiple of 16 rows, so
+the loop from K0 = 100 compiles that pass 7 times instead of 99; the merged-class
+solve always has one class and compiles once.
+
+Everything per row goes through :mod:`gansem.sharding` (``row_reduce``/``row_map``),
+so the merge sequence is bit-identical on 1 and 8 devices.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gansem import sharding
+from gansem.cluster import kmeans as km
+from gansem.cluster import svm
+
+__all__ = [
+    "KlishState",
+    "MergeRecord",
+    "svm_scores",
+    "cluster_iou",
+    "ecos_matrix",
+    "merge_statistics",
+    "separability_filter",
+    "filter_initial_clusters",
+    "linear_init",
+    "klish_init",
+    "klish_step",
+    "run_klish",
+]
+
+_PAD_ROWS = 16
+
+
+class KlishState(NamedTuple):
+    """Everything needed to continue the merge loop exactly.
+
+    Attributes:
+        W: ``[K, D] float32`` SVM weights (warm start of the next solve).
+        b: ``[K] float32`` SVM biases.
+        labels: ``[N_pad] int32`` row-sharded current cluster ids ``0..K-1``
+            (padding rows: arbitrary).
+        sizes: ``[K] int32`` valid rows per cluster.
+        step: merges done so far (``int``).
+        ids: ``[K] int32`` AHC-style node ids: initial clusters are ``0..K_init-1``,
+            the cluster made by a merge gets ``max(ids) + 1``.
+        stale: ``[K] bool`` classes whose SVM must be (re)trained before the next
+            IoU/ECoS (all at the start, then only the merged class).
+    """
+
+    W: jax.Array
+    b: jax.Array
+    labels: jax.Array
+    sizes: jax.Array
+    step: int
+    ids: jax.Array
+    stale: jax.Array
+
+
+class MergeRecord(NamedTuple):
+    """One step of the trajectory, for the K clusters *before* the merge (host values).
+
+    Attributes:
+        k: number of clusters K at this step.
+        W: ``[K, D]`` trained SVM weights; b: ``[K]`` biases.
+        iou: ``[K]`` Eq. 4 per cluster.
+        ecos: ``[K, K]`` Eq. 5 (diagonal left as computed, ~1).
+        p: merged (removed) cluster index, ``-1`` at K = 1.
+        q: receiving cluster index, ``-1`` at K = 1.
+        sizes: ``[K]`` valid rows per cluster.
+        svm_iters: L-BFGS iterations of this step's solve.
+        svm_converged: whether it converged.
+        svm_stop_reason: why it stopped (:data:`gansem.cluster.svm.STOP_REASONS`).
+        objective: Eq. 3 at (W, b).
+        merged_ids: ``(id_q, id_p, new_id)`` node ids, ``(-1, -1, -1)`` at K = 1.
+    """
+
+    k: int
+    W: np.ndarray
+    b: np.ndarray
+    iou: np.ndarray
+    ecos: np.ndarray
+    p: int
+    q: int
+    sizes: np.ndarray
+    svm_iters: int
+    svm_converged: bool
+    svm_stop_reason: str
+    objective: float
+    merged_ids: tuple
+
+
+# -- Eq. 4 and Eq. 5 -----------------------------------------------------------------
+
+
+def svm_scores(W, b, x):
+    """SVM scores ``x W^T + b``: ``x [n, D]``, ``W [K, D]``, ``b [K]`` -> ``[n, K]``."""
+    return x @ W.T + b
+
+
+def _bucket(k: int) -> int:
+    return -(-k // _PAD_ROWS) * _PAD_ROWS
+
+
+def _pad_classifier(W, b):
+    """Pad to a multiple of 16 rows with a classifier that is negative everywhere."""
+    k = W.shape[0]
+    kb = _bucket(k)
+    Wp = jnp.zeros((kb, W.shape[1]), jnp.float32).at[:k].set(W)
+    bp = jnp.full((kb,), -2.0, jnp.float32).at[:k].set(b)
+    return Wp, bp
+
+
+def _stats_chunk(xc, vc, lc, W, b):
+    s = svm_scores(W, b, xc)  # [n, K]
+    ok = (vc > 0)[:, None]
+    gt = (lc[:, None] == jnp.arange(W.shape[0], dtype=lc.dtype)[None, :]) & ok
+    pos = (s > 0) & ok
+    inter = jnp.sum(pos & gt, axis=0, dtype=jnp.int32)
+    pred = jnp.sum(pos, axis=0, dtype=jnp.int32)
+    n_gt = jnp.sum(gt, axis=0, dtype=jnp.int32)
+    d = jnp.clip((s + 1.0) * 0.5, 0.0, 1.0) * vc[:, None]
+    gram = d.T @ d  # KN,NK -> KK
+    y = jnp.where(gt, 1.0, -1.0)
+    m = jnp.maximum(0.0, 1.0 - y * s) * vc[:, None]
+    return inter, pred, n_gt, gram, jnp.sum(m * m, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "layout"))
+def _stats(W, b, x, valid, labels, *, mesh, layout):
+    inter, pred, n_gt, gram, hinge = sharding.row_reduce(
+        _stats_chunk, mesh, layout, (x, valid, labels), (W, b)
+    )
+    union = pred + n_gt - inter
+    iou = inter.astype(jnp.float32) / jnp.maximum(union, 1).astype(jnp.float32)
+    norm = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 1e-12))
+    ecos = gram / (norm[:, None] * norm[None, :])
+    return iou, ecos, hinge
+
+
+def merge_statistics(W, b, x, valid, labels, *, mesh, layout):
+    """IoU (Eq. 4), ECoS (Eq. 5) and per-class squared-hinge sums in one pass.
+
+    Args:
+        W: ``[K, D]``; b: ``[K]``.
+        x: ``[N_pad, D]`` row-sharded; valid: ``[N_pad] float32``; labels: ``[N_pad] int32``.
+        mesh, layout: from :mod:`gansem.sharding`.
+
+    Returns:
+        ``(iou [K], ecos [K, K], hinge [K])`` float32. A cluster with an empty
+        union has IoU 0; a score map that is 0 everywhere has ECoS 0 with all.
+    """
+    k = W.shape[0]
+    Wp, bp = _pad_classifier(jnp.asarray(W, jnp.float32), jnp.asarray(b, jnp.float32))
+    iou, ecos, hinge = _stats(Wp, bp, x, valid, labels, mesh=mesh, layout=layout)
+    return iou[:k], ecos[:k, :k], hinge[:k]
+
+
+def cluster_iou(W, b, x, valid, labels, *, mesh, layout):
+    """Eq. 4: ``IoU_k = |S_k & Y_k| / |S_k | Y_k|`` with ``S_k = {x : w_k.x + b_k > 0}``.
+
+    Counts are over every valid row of the dataset (not averaged per image).
+
+    Returns:
+        ``[K] float32``.
+    """
+    return merge_statistics(W, b, x, valid, labels, mesh=mesh, layout=layout)[0]
+
+
+def ecos_matrix(W, b, x, valid, *, mesh, layout):
+    """Eq. 5: cosine similarity of the score maps ``clamp((s_k + 1) / 2, 0, 1)`` over valid rows.
+
+    Returns:
+        ``[K, K] float32``.
+    """
+    labels = jnp.zeros(valid.shape, jnp.int32)
+    return merge_statistics(W, b, x, valid, labels, mesh=mesh, layout=layout)[1]
+
+
+def select_merge(iou, ecos):
+    """Merge rule: ``p = argmin IoU``, ``q = argmax_{j != p} ECoS[p, j]`` (first index on ties)."""
+    iou = np.asarray(iou)
+    p = int(np.argmin(iou))
+    row = np.array(ecos[p], dtype=np.float64)
+    row[p] = -np.inf
+    return p, int(np.argmax(row))
+
+
+# -- initialisation ------------------------------------------------------------------
+
+
+def linear_init(centroids):
+    """Linear classifier equivalent to nearest-centroid assignment.
+
+    ``w_k = c_k / s``, ``b_k = -|c_k|^2 / (2 s)`` with ``s = max_k |c_k|^2``, so
+    ``argmax_k (w_k.x + b_k) = argmin_k |x - c_k|^2`` and biases lie in [-0.5, 0].
+
+    Args:
+        centroids: ``[K, D]``.
+
+    Returns:
+        ``(W [K, D], b [K])`` float32.
+    """
+    c = jnp.asarray(centroids, jnp.float32)
+    sq = jnp.sum(c * c, axis=-1)
+    s = jnp.maximum(jnp.max(sq), 1e-12)
+    return c / s, -0.5 * sq / s
+
+
+def separability_filter(iou):
+    """Initial-cluster filter of Sec. 3.2 on host values.
+
+    ``m = logit(clip(IoU, 1e-6, 1 - 1e-6))``; keep clusters with
+    ``m >= mean(m) - std(m)`` (population std).
+
+    Returns:
+        ``(keep [K] bool, logits [K], threshold float)``.
+    """
+    iou = np.clip(np.asarray(iou, np.float64), 1e-6, 1 - 1e-6)
+    m = np.log(iou) - np.log1p(-iou)
+    thr = float(m.mean() - m.std())
+    return m >= thr, m, thr
+
+
+def filter_initial_clusters(iou, centroids, x, valid, *, mesh, layout, kmeans_iters=20,
+                            kmeans_tol=1e-4):
+    """Drop poorly separable initial clusters and re-run Lloyd from the kept centroids.
+
+    Args:
+        iou: ``[K]`` IoU of SVMs trained on the initial clusters.
+        centroids: ``[K, D]`` the initial centroids.
+        x, valid: row-sharded data; mesh, layout: from :mod:`gansem.sharding`.
+        kmeans_iters, kmeans_tol: Lloyd settings.
+
+    Returns:
+        ``(KMeansResult, keep [K] bool, logits [K], threshold)``.
+    """
+    keep, logits, thr = separability_filter(iou)
+    res = km.lloyd(x, valid, jnp.asarray(centroids)[np.flatnonzero(keep)], mesh=mesh, layout=layout,
+                   max_iter=kmeans_iters, tol=kmeans_tol)
+    return res, keep, logits, thr
+
+
+@jax.jit
+def _relabel(labels, table):
+    return jnp.take(table, jnp.clip(labels, 0, table.shape[0] - 1))
+
+
+def _apply_table(labels, table):
+    """``labels -> table[labels]`` with the table padded to a multiple of 16 (few compiles)."""
+    table = np.asarray(table, np.int32)
+    padded = np.zeros(_bucket(table.size), np.int32)
+    padded[: table.size] = table
+    return _relabel(labels, jnp.asarray(padded))
+
+
+def klish_init(key, x, valid, k0, *, mesh, layout, filter_clusters=True, kmeans_iters=20,
+               kmeans_tol=1e-4, lam=5000.0, tol=1e-4, max_iter=2000, precond=None):
+    """K-means++ and Lloyd, optional filter, ordered initial state of the merge loop.
+
+    The state's classifier is the nearest-centroid linear model (:func:`linear_init`)
+    or, with the filter, the SVMs trained for the filter (rows of kept clusters;
+    a warm start only, the first :func:`klish_step` re-trains every class on the
+    re-run clusters). Clusters are ordered by descending size.
+
+    Args:
+        key: PRNG key for K-means++.
+        x: ``[N_pad, D]`` row-sharded features; valid: ``[N_pad] float32``.
+        k0: initial number of clusters K0.
+        mesh, layout: from :mod:`gansem.sharding`.
+        filter_clusters: apply the initial-cluster filter.
+        kmeans_iters, kmeans_tol: Lloyd settings.
+        lam, tol, max_iter: SVM settings (filter only).
+        precond: :class:`gansem.cluster.svm.SVMPreconditioner` (computed if None).
+
+    Returns:
+        ``(KlishState, info)`` with ``info`` a dict of host values: ``k0``,
+        ``k_init``, ``kmeans_inertia``, ``kmeans_iters``, ``kmeans_converged`` and,
+        with the filter, ``filter_iou``, ``filter_logits``, ``filter_threshold``,
+        ``filter_keep``, ``filter_svm_iters``, ``filter_svm_converged``,
+        ``filter_svm_stop_reason``.
+    """
+    res = km.kmeans(key, x, valid, k0, mesh=mesh, layout=layout, max_iter=kmeans_iters,
+                    tol=kmeans_tol)
+    info = {"k0": int(k0), "kmeans_inertia": float(res.inertia), "kmeans_iters": int(res.n_iter),
+            "kmeans_converged": bool(res.converged)}
+    W, b = linear_init(res.centroids)
+    if filter_clusters:
+        if precond is None:
+            precond = svm.svm_preconditioner(x, valid, mesh=mesh, layout=layout)
+        fit = svm.train_ovr_svm(x, valid, res.labels, W, b, mesh=mesh, layout=layout, lam=lam,
+                                tol=tol, max_iter=max_iter, precond=precond,
+                                compute_objective=False)
+        iou = cluster_iou(fit.W, fit.b, x, valid, res.labels, mesh=mesh, layout=layout)
+        res, keep, logits, thr = filter_initial_clusters(
+            iou, res.centroids, x, valid, mesh=mesh, layout=layout, kmeans_iters=kmeans_iters,
+            kmeans_tol=kmeans_tol)
+        kept = np.flatnonzero(keep)
+        W, b = fit.W[kept], fit.b[kept]
+        info.update(filter_iou=np.asarray(iou), filter_logits=logits, filter_threshold=thr,
+                    filter_keep=keep, filter_svm_iters=int(fit.n_iter),
+                    filter_svm_converged=bool(fit.converged),
+                    filter_svm_stop_reason=fit.stop_reason,
+                    kmeans_inertia=float(res.inertia), kmeans_refit_iters=int(res.n_iter))
+    counts = np.asarray(res.counts).astype(np.int64)
+    order = np.argsort(-counts, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    k = order.size
+    state = KlishState(
+        W=jnp.asarray(W)[order],
+        b=jnp.asarray(b)[order],
+        labels=_apply_table(res.labels, rank),
+        sizes=jnp.asarray(counts[order], jnp.int32),
+        step=0,
+        ids=jnp.arange(k, dtype=jnp.int32),
+        stale=jnp.ones((k,), bool),
+    )
+    info["k_init"] = k
+    return state, info
+
+
+# -- merge loop ----------------------------------------------------------------------
+
+
+def klish_step(state: KlishState, x, valid, *, mesh, layout, lam=5000.0, tol=1e-4, max_iter=2000,
+               retrain="merged", precond=None):
+    """One iteration of Algorithm 1: train, measure, record, merge.
+
+    Args:
+        state: current :class:`KlishState`.
+        x: ``[N_pad, D]`` row-sharded features; valid: ``[N_pad] float32``.
+        mesh, layout: from :mod:`gansem.sharding`.
+        lam, tol, max_iter: SVM settings (:func:`gansem.cluster.svm.train_ovr_svm`).
+        retrain: ``"merged"`` re-solves only stale classes (all at the first step,
+            then the class produced by the last merge); ``"all"`` re-solves every
+            class from the warm start.
+        precond: :class:`gansem.cluster.svm.SVMPreconditioner` for ``x`` (computed
+            if None; pass it when looping).
+
+    Returns:
+        ``(new_state, record)``; at K = 1 the record has ``p = q = -1`` and the
+        state is not merged further.
+    """
+    k = int(state.W.shape[0])
+    if retrain == "merged":
+        classes = np.flatnonzero(np.asarray(state.stale))
+    elif retrain == "all":
+        classes = np.arange(k)
+    else:
+        raise ValueError(f"retrain must be 'merged' or 'all', got {retrain!r}")
+    fit = svm.train_ovr_svm(x, valid, state.labels, state.W, state.b, mesh=mesh, layout=layout,
+                            lam=lam, tol=tol, max_iter=max_iter, classes=classes, precond=precond,
+                            compute_objective=False)
+    iou, ecos, hinge = merge_statistics(fit.W, fit.b, x, valid, state.labels, mesh=mesh,
+                                        layout=layout)
+    n = float(np.asarray(state.sizes).sum())
+    objective = float(svm.objective_from_hinge(hinge, fit.W, lam, n))
+    iou_h, ecos_h = np.asarray(iou), np.asarray(ecos)
+    sizes = np.asarray(state.sizes)
+    ids = np.asarray(state.ids)
+    if k > 1:
+        p, q = select_merge(iou_h, ecos_h)
+        new_id = int(ids.max()) + 1
+        merged_ids = (int(ids[q]), int(ids[p]), new_id)
+    else:
+        p = q = -1
+        merged_ids = (-1, -1, -1)
+    record = MergeRecord(
+        k=k, W=np.asarray(fit.W), b=np.asarray(fit.b), iou=iou_h, ecos=ecos_h, p=p, q=q,
+        sizes=sizes.copy(), svm_iters=int(fit.n_iter), svm_converged=bool(fit.converged),
+        svm_stop_reason=fit.stop_reason, objective=objective, merged_ids=merged_ids,
+    )
+    if k == 1:
+        new_state = state._replace(W=fit.W, b=fit.b, step=state.step + 1,
+                                   stale=jnp.zeros((1,), bool))
+        return new_state, record
+    # Merge p into q: labels p -> q, indices above p shift down, row p deleted.
+    keep = np.delete(np.arange(k), p)
+    q_new = q - int(q > p)
+    table = np.arange(k) - (np.arange(k) > p)
+    table[p] = q_new
+    new_sizes = sizes.copy()
+    new_sizes[q] += sizes[p]
+    new_ids = ids.copy()
+    new_ids[q] = merged_ids[2]
+    stale = np.zeros(k - 1, bool)
+    stale[q_new] = True
+    new_state = KlishState(
+        W=fit.W[keep],
+        b=fit.b[keep],
+        labels=_apply_table(state.labels, table),
+        sizes=jnp.asarray(new_sizes[keep], jnp.int32),
+        step=state.step + 1,
+        ids=jnp.asarray(new_ids[keep], jnp.int32),
+        stale=jnp.asarray(stale),
+    )
+    return new_state, record
+
+
+def run_klish(key, x, valid, k0, *, mesh, layout, on_step: Optional[Callable] = None,
+              state: Optional[KlishState] = None, filter_clusters=True, kmeans_iters=20,
+              kmeans_tol=1e-4, lam=5000.0, tol=1e-4, max_iter=2000, retrain="merged"):
+    """Algorithm 1 down to K = 1 (the record at K = 1 has no merge).
+
+    Args:
+        key: PRNG key (K-means++; unused when resuming).
+        x: ``[N_pad, D]`` row-sharded features; valid: ``[N_pad] float32``.
+        k0: initial number of clusters.
+        mesh, layout: from :mod:`gansem.sharding`.
+        on_step: ``on_step(record, state)`` called after every step with the
+            record and the state *after* it (save both to resume).
+        state: resume from this state instead of initialising.
+        filter_clusters, kmeans_iters, kmeans_tol: see :func:`klish_init`.
+        lam, tol, max_iter, retrain: see :func:`klish_step`.
+
+    Returns:
+        ``list[MergeRecord]`` of the steps run by this call.
+    """
+    precond = svm.svm_preconditioner(x, valid, mesh=mesh, layout=layout)
+    if state is None:
+        state, _ = klish_init(key, x, valid, k0, mesh=mesh, layout=layout,
+                              filter_clusters=filter_clusters, kmeans_iters=kmeans_iters,
+                              kmeans_tol=kmeans_tol, lam=lam, tol=tol, max_iter=max_iter,
+                              precond=precond)
+    records = []
+    while not (state.W.shape[0] == 1 and not bool(np.asarray(state.stale).any())):
+        state, record = klish_step(state, x, valid, mesh=mesh, layout=layout, lam=lam, tol=tol,
+                                   max_iter=max_iter, retrain=retrain, precond=precond)
+        records.append(record)
+        if on_step is not None:
+            on_step(record, state)
+    return records

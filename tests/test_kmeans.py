@@ -1,0 +1,121 @@
+"""K-means++ and Lloyd (gansem.cluster.kmeans) against scikit-learn and numpy."""
+
+import os
+import re
+
+_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from gansem import sharding  # noqa: E402
+from gansem.cluster import kmeans  # noqa: E402
+
+sklearn_cluster = pytest.importorskip("sklearn.cluster")
+
+
+def _place(x, n_dev, max_chunk_rows=64):
+    mesh = sharding.make_mesh(n_dev)
+    layout = sharding.plan_rows(x.shape[0], n_dev, max_chunk_rows=max_chunk_rows)
+    xs, valid = sharding.shard_rows(x, mesh, multiple=layout.padded_rows)
+    return xs, valid, mesh, layout
+
+
+def _blobs(rng, n=600, d=5, k=4, spread=6.0, offset=3.0):
+    centers = rng.standard_normal((k, d)) * spread + offset
+    y = rng.integers(0, k, n)
+    return (centers[y] + rng.standard_normal((n, d))).astype(np.float32), y
+
+
+def test_lloyd_matches_sklearn(rng):
+    x, _ = _blobs(rng, k=5)
+    init = x[rng.choice(len(x), 5, replace=False)]
+    xs, valid, mesh, layout = _place(x, 8)
+    res = kmeans.lloyd(xs, valid, init, mesh=mesh, layout=layout, max_iter=300, tol=1e-5)
+    ref = sklearn_cluster.KMeans(5, init=init, n_init=1, algorithm="lloyd", tol=0.0, max_iter=300).fit(x)
+    n = len(x)
+    assert bool(res.converged)
+    np.testing.assert_array_equal(np.asarray(res.labels)[:n], ref.labels_)
+    np.testing.assert_allclose(float(res.inertia), ref.inertia_, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(res.centroids), ref.cluster_centers_, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(res.counts), np.bincount(ref.labels_, minlength=5))
+
+
+def test_assign_matches_numpy(rng):
+    x, _ = _blobs(rng, n=300)
+    c = x[:7]
+    xs, valid, mesh, layout = _place(x, 8)
+    labels, dist = kmeans.assign(xs, c, mesh=mesh, layout=layout)
+    d = ((x[:, None, :].astype(np.float64) - c[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(np.asarray(labels)[:300], d.argmin(1))
+    np.testing.assert_allclose(np.asarray(dist)[:300], d.min(1), rtol=1e-5, atol=1e-4)
+
+
+def test_spherical_kmeans_matches_numpy(rng):
+    x, _ = _blobs(rng, n=400, d=6, k=3, offset=0.0)
+    init = x[:3]
+    xs, valid, mesh, layout = _place(x, 8)
+    res = kmeans.lloyd(xs, valid, init, mesh=mesh, layout=layout, max_iter=50, tol=1e-5, metric="cosine")
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    c = init / np.linalg.norm(init, axis=1, keepdims=True)
+    for _ in range(50):
+        lab = (xn @ c.T).argmax(1)
+        c = np.stack([xn[lab == j].sum(0) for j in range(3)])
+        c /= np.linalg.norm(c, axis=1, keepdims=True)
+    lab = (xn @ c.T).argmax(1)
+    np.testing.assert_array_equal(np.asarray(res.labels)[:400], lab)
+    np.testing.assert_allclose(np.asarray(res.centroids), c, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(res.centroids), axis=1), 1.0, rtol=1e-6)
+
+
+def test_kmeans_plusplus_quality_vs_sklearn(rng):
+    x, _ = _blobs(rng, n=800, d=4, k=8, spread=10.0)
+    xs, valid, mesh, layout = _place(x, 8)
+    ours, theirs = [], []
+    for seed in range(3):
+        init = kmeans.kmeans_plusplus_init(jax.random.key(seed), xs, valid, 8, mesh=mesh, layout=layout)
+        init = np.asarray(init)
+        # Every seed is a distinct real row (never padding, never a duplicate).
+        idx = [np.flatnonzero((x == row).all(1)) for row in init]
+        assert all(len(i) >= 1 for i in idx)
+        assert len({int(i[0]) for i in idx}) == 8
+        ours.append(float(kmeans.kmeans(jax.random.key(seed), xs, valid, 8, mesh=mesh, layout=layout,
+                                        max_iter=100).inertia))
+        theirs.append(sklearn_cluster.KMeans(8, n_init=1, random_state=seed).fit(x).inertia_)
+    assert np.median(ours) <= 1.1 * np.median(theirs)
+
+
+def test_empty_cluster_is_reseeded_like_sklearn(rng):
+    x, _ = _blobs(rng, n=500, d=3, k=3)
+    init = np.concatenate([x[:3], np.full((1, 3), 1e3, np.float32)])  # 4th centroid gets no rows
+    xs, valid, mesh, layout = _place(x, 8)
+    res = kmeans.lloyd(xs, valid, init, mesh=mesh, layout=layout, max_iter=100, tol=1e-5)
+    ref = sklearn_cluster.KMeans(4, init=init, n_init=1, algorithm="lloyd", tol=0.0, max_iter=100).fit(x)
+    c = np.asarray(res.centroids)
+    assert np.isfinite(c).all() and (np.abs(c).sum(1) > 0).all()
+    assert (np.asarray(res.counts) > 0).all()
+    np.testing.assert_allclose(float(res.inertia), ref.inertia_, rtol=1e-4)
+    np.testing.assert_array_equal(np.asarray(res.labels)[:500], ref.labels_)
+
+
+def test_too_many_clusters_is_a_clear_error(rng):
+    x, _ = _blobs(rng, n=20)
+    xs, valid, mesh, layout = _place(x, 8)
+    with pytest.raises(ValueError, match="lower K0"):
+        kmeans.kmeans(jax.random.key(0), xs, valid, 21, mesh=mesh, layout=layout)
+
+
+def test_one_and_eight_devices_bitwise_equal(rng):
+    x, _ = _blobs(rng, n=700, d=6, k=6)
+    out = []
+    for n_dev in (1, 8):
+        xs, valid, mesh, layout = _place(x, n_dev)
+        res = kmeans.kmeans(jax.random.key(3), xs, valid, 6, mesh=mesh, layout=layout, max_iter=30)
+        out.append(jax.tree.map(np.asarray, res))
+    a, b = out
+    np.testing.assert_array_equal(a.centroids, b.centroids)
+    np.testing.assert_array_equal(a.labels[:700], b.labels[:700])
+    assert a.inertia.tobytes() == b.inertia.tobytes()
+    assert int(a.n_iter) == int(b.n_iter)

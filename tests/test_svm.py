@@ -1,0 +1,125 @@
+"""Eq. 3 one-vs-rest squared-hinge SVMs (gansem.cluster.svm) against numpy and LIBLINEAR."""
+
+import os
+import re
+
+_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from gansem import sharding  # noqa: E402
+from gansem.cluster import svm  # noqa: E402
+
+LAM = 5000.0
+
+
+def _place(x, labels, n_dev=8, max_chunk_rows=256):
+    mesh = sharding.make_mesh(n_dev)
+    layout = sharding.plan_rows(x.shape[0], n_dev, max_chunk_rows=max_chunk_rows)
+    xs, valid = sharding.shard_rows(x, mesh, multiple=layout.padded_rows)
+    ls, _ = sharding.shard_rows(labels.astype(np.int32), mesh, multiple=layout.padded_rows)
+    return xs, valid, ls, mesh, layout
+
+
+def _problem(rng, n=1200, d=6, k=4):
+    centers = rng.standard_normal((k, d)) * 2.5
+    y = rng.integers(0, k, n)
+    return (centers[y] + rng.standard_normal((n, d))).astype(np.float32), y
+
+
+def _eq3_numpy(W, b, x, y, lam=LAM):
+    """Eq. 3 written out: lam/(M|A|) sum_i [(1 - s_iy)_+^2 + sum_{k != y} (1 + s_ik)_+^2] + |W|^2/(2M)."""
+    W, b, x = (np.asarray(a, np.float64) for a in (W, b, x))
+    m, n = W.shape[0], x.shape[0]
+    s = x @ W.T + b
+    total = 0.0
+    for i in range(n):
+        total += max(0.0, 1.0 - s[i, y[i]]) ** 2
+        total += sum(max(0.0, 1.0 + s[i, k]) ** 2 for k in range(m) if k != y[i])
+    return lam / (m * n) * total + 0.5 / m * np.sum(W * W)
+
+
+def _eq3_grad_numpy(W, b, x, y, lam=LAM):
+    W, b, x = (np.asarray(a, np.float64) for a in (W, b, x))
+    m, n = W.shape[0], x.shape[0]
+    Y = np.where(y[:, None] == np.arange(m), 1.0, -1.0)
+    g = -2.0 * Y * np.maximum(0.0, 1.0 - Y * (x @ W.T + b)) * lam / (m * n)
+    return g.T @ x + W / m, g.sum(0)
+
+
+def test_objective_matches_numpy(rng):
+    x, y = _problem(rng, n=300)
+    W = rng.standard_normal((4, 6)).astype(np.float32) * 0.3
+    b = rng.standard_normal(4).astype(np.float32) * 0.3
+    xs, valid, ls, mesh, layout = _place(x, y, max_chunk_rows=32)
+    ours = float(svm.ovr_svm_objective(W, b, xs, valid, ls, lam=LAM, mesh=mesh, layout=layout))
+    np.testing.assert_allclose(ours, _eq3_numpy(W, b, x, y), rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def solved():
+    rng = np.random.default_rng(1)
+    x, y = _problem(rng)
+    xs, valid, ls, mesh, layout = _place(x, y)
+    res = svm.train_ovr_svm(xs, valid, ls, np.zeros((4, 6)), np.zeros(4), mesh=mesh, layout=layout,
+                            lam=LAM)
+    return x, y, (xs, valid, ls, mesh, layout), res
+
+
+def test_solution_is_optimal_and_beats_liblinear(solved):
+    x, y, _, res = solved
+    assert bool(res.converged) and res.stop_reason == "weight_change"
+    assert 2 <= int(res.n_iter) < 2000
+    W, b = np.asarray(res.W), np.asarray(res.b)
+    gW, gb = _eq3_grad_numpy(W, b, x, y)
+    g0W, g0b = _eq3_grad_numpy(np.zeros_like(W), np.zeros_like(b), x, y)
+    scale = np.sqrt(np.sum(g0W**2) + np.sum(g0b**2))
+    assert np.sqrt(np.sum(gW**2) + np.sum(gb**2)) <= 1e-3 * scale
+    ours = _eq3_numpy(W, b, x, y)
+    np.testing.assert_allclose(float(res.objective), ours, rtol=1e-5)
+
+    svc = pytest.importorskip("sklearn.svm")
+    # Per class, Eq. 3 is LIBLINEAR's 1/2|w|^2 + C sum sqhinge with C = lam / N; a large
+    # intercept_scaling makes LIBLINEAR's intercept penalty negligible.
+    Ws, bs = [], []
+    for k in range(4):
+        clf = svc.LinearSVC(loss="squared_hinge", penalty="l2", dual=False, C=LAM / len(x),
+                            intercept_scaling=1000.0, tol=1e-10, max_iter=100000).fit(x, y == k)
+        Ws.append(clf.coef_[0])
+        bs.append(clf.intercept_[0])
+    theirs = _eq3_numpy(np.stack(Ws), np.array(bs), x, y)
+    assert ours <= theirs * (1 + 1e-5)
+    pred = np.argmax(x @ W.T + b, 1)
+    assert np.mean(pred == np.argmax(x @ np.stack(Ws).T + np.array(bs), 1)) > 0.995
+
+
+def test_resolving_one_class_matches_solving_all(solved):
+    x, y, (xs, valid, ls, mesh, layout), res = solved
+    W, b = np.asarray(res.W).copy(), np.asarray(res.b).copy()
+    W[2] = 0.0
+    b[2] = 0.0
+    one = svm.train_ovr_svm(xs, valid, ls, W, b, classes=[2], mesh=mesh, layout=layout, lam=LAM)
+    assert bool(one.converged)
+    np.testing.assert_array_equal(np.delete(np.asarray(one.W), 2, 0), np.delete(W, 2, 0))
+    np.testing.assert_array_equal(np.delete(np.asarray(one.b), 2), np.delete(b, 2))
+    assert np.asarray(one.class_stop)[0] == svm.STOP_REASONS.index("not_solved")
+    # Same optimum: objective and weights of class 2 agree with the joint solve.
+    np.testing.assert_allclose(float(one.objective), float(res.objective), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(one.W)[2], np.asarray(res.W)[2], rtol=2e-2, atol=2e-3)
+
+
+def test_max_iter_is_reported_not_converged(solved):
+    _, _, (xs, valid, ls, mesh, layout), _ = solved
+    res = svm.train_ovr_svm(xs, valid, ls, np.zeros((4, 6)), np.zeros(4), mesh=mesh, layout=layout,
+                            max_iter=3)
+    assert not bool(res.converged)
+    assert res.stop_reason == "max_iter" and int(res.n_iter) == 3
+
+
+def test_bad_classes_is_a_clear_error(solved):
+    _, _, (xs, valid, ls, mesh, layout), _ = solved
+    with pytest.raises(ValueError, match="distinct indices"):
+        svm.train_ovr_svm(xs, valid, ls, np.zeros((4, 6)), np.zeros(4), mesh=mesh, layout=layout,
+                          classes=[4])
