@@ -148,6 +148,7 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
     from . import sharding
     from .checkpoint import RunCheckpoints
     from .cluster import klish as K
+    from .cluster import svm
     from .features import extract_features, select_feature_layers
     from .generators import load_generator
 
@@ -197,15 +198,16 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
          f"on {n_dev} {jax.default_backend()} device(s)", quiet)
 
     ck = RunCheckpoints(run_dir)
-    solver_kw = dict(lam=config.lam, tol=config.tol)
+    solver_kw = dict(lam=config.lam, tol=config.tol, max_iter=config.svm_max_iter)
     try:
+        precond = svm.svm_preconditioner(x, valid, mesh=mesh, layout=layout)
         # -- initial state ----------------------------------------------------------------
         t = time.time()
         if has_state and ck.latest_state_step() is not None:
             step = ck.latest_state_step()
             arrays, meta = ck.load_state(step)
-            state = K.state_from_host(arrays, meta, mesh=mesh, layout=layout)
-            _log(f"resuming from merge step {step} (K={int(state.k)})", quiet)
+            state = _state_from_host(arrays, mesh, layout)
+            _log(f"resuming from merge step {step} (K={_k(state)})", quiet)
             with open(os.path.join(run_dir, "init.json")) as f:
                 init_info = json.load(f)
         else:
@@ -213,27 +215,27 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
             state, init_info = K.klish_init(
                 jax.random.fold_in(key, 2), x, valid, config.k0, mesh=mesh, layout=layout,
                 filter_clusters=config.filter_clusters, kmeans_iters=config.kmeans_iters,
-                svm_max_iter=config.svm_max_iter, **solver_kw)
+                precond=precond, **solver_kw)
             init_info = _jsonable(init_info)
             with open(os.path.join(run_dir, "init.json"), "w") as f:
                 json.dump(init_info, f, indent=2)
             step = 0
             ck.save_step(0, None, state)
             timings["init_s"] = time.time() - t
-            _log(f"initial clusters: {int(state.k)} (after filter) in {timings['init_s']:.1f}s", quiet)
+            _log(f"initial clusters: {_k(state)} (after filter) in {timings['init_s']:.1f}s", quiet)
 
         # -- merge loop -------------------------------------------------------------------
         t = time.time()
         from tqdm.auto import tqdm
 
-        total = int(state.k) - 1
         done_here = 0
-        with tqdm(total=step + total, initial=step, desc="KLiSH merges", disable=not progress, unit="merge") as bar:
-            while int(state.k) > 1:
+        with tqdm(total=step + _k(state) - 1, initial=step, desc="KLiSH merges", disable=not progress,
+                  unit="merge") as bar:
+            while _k(state) > 1:
                 if max_steps is not None and done_here >= max_steps:
                     break
                 state, rec = K.klish_step(state, x, valid, mesh=mesh, layout=layout, retrain=config.retrain,
-                                          svm_max_iter=config.svm_max_iter, **solver_kw)
+                                          precond=precond, **solver_kw)
                 step += 1
                 done_here += 1
                 ck.save_step(step, rec, state)
@@ -243,7 +245,7 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
     finally:
         ck.close()
 
-    complete = int(state.k) <= 1
+    complete = _k(state) <= 1
     summary = {"complete": complete, "steps": step, "devices": n_dev, "backend": jax.default_backend(),
                "pixels": layout.num_rows, "feature_dim": dim, "layers": [l.name for l in layers],
                "timings": timings}
@@ -257,6 +259,30 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
         json.dump(_jsonable(summary), f, indent=2)
     write_manifest(run_dir)
     return summary
+
+
+def _k(state) -> int:
+    return int(state.W.shape[0])
+
+
+def _state_from_host(arrays: dict, mesh, layout):
+    """Rebuild a :class:`KlishState` saved by :class:`RunCheckpoints`, placed on ``mesh``.
+
+    Labels are re-padded if the saved padding differs (a different device count).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from . import sharding
+    from .cluster.klish import KlishState
+
+    labels = np.asarray(arrays["labels"], np.int32)[: layout.num_rows]
+    labels, _ = sharding.shard_rows(labels, mesh, multiple=layout.padded_rows)
+    rep = sharding.replicated(mesh)
+    put = lambda name, dtype: jax.device_put(jnp.asarray(np.asarray(arrays[name]), dtype), rep)  # noqa: E731
+    return KlishState(W=put("W", jnp.float32), b=put("b", jnp.float32), labels=labels,
+                      sizes=put("sizes", jnp.int32), step=int(np.asarray(arrays["step"])),
+                      ids=put("ids", jnp.int32), stale=put("stale", bool))
 
 
 def _jsonable(obj):
