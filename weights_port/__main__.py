@@ -53,7 +53,8 @@ def main(argv=None) -> int:
             print(f"error: {args.dst} already holds a gansem checkpoint (use --force to overwrite)", file=sys.stderr)
             return 2
         gen, params, info = convert_file(src, args.family)
-        info["sha256"] = sha256(src) if os.path.isfile(src) else None
+        hashed = os.path.join(src, "pytorch_model.bin") if os.path.isdir(src) else src
+        info["sha256"] = sha256(hashed) if os.path.isfile(hashed) else None
         save_checkpoint(args.dst, gen, params, name=os.path.basename(os.path.normpath(args.src)), source=info)
     except (CheckpointError, GeneratorError) as e:
         print(f"error: {e}", file=sys.stderr)

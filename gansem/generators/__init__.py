@@ -71,9 +71,10 @@ def load_generator(spec: str):
         except CheckpointError as e:
             raise GeneratorError(f"{path}: {e}") from None
         return gen, params, {"name": spec, "family": gen.family, "source": {"path": path, **info}}
-    if os.path.isdir(spec):
+    if os.path.isdir(spec) and (os.path.isfile(os.path.join(spec, "generator.json"))
+                                or not os.path.isfile(os.path.join(spec, "pytorch_model.bin"))):
         return load_checkpoint(spec)
-    if os.path.isfile(spec):
+    if os.path.exists(spec):  # an original checkpoint file (or a BigGAN directory): convert in memory
         from weights_port.convert import convert_file
 
         try:
