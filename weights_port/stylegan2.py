@@ -378,10 +378,10 @@ def _nvidia_key(flat: str) -> str:
 def _expected_shapes(gen) -> dict:
     import jax
 
-    from gansem.generators.base import flatten_params_shapes
+    from gansem.generators.base import flatten_params
 
     tree = jax.eval_shape(gen.init_params, jax.random.key(0))
-    return {k: tuple(v.shape) for k, v in flatten_params_shapes(tree).items()}
+    return {k: tuple(v.shape) for k, v in flatten_params(tree, as_numpy=False).items()}
 
 
 def _fill(gen, fetch, key_of, where, shape_name=None) -> dict:

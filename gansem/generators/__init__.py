@@ -30,10 +30,12 @@ __all__ = [
     "save_checkpoint", "load_checkpoint", "families", "family_class", "register_family",
 ]
 
-_FAMILY_MODULES = ("dcgan", "stylegan2", "stylegan", "pggan", "biggan")
+_FAMILY_MODULES = ("dcgan", "stylegan2", "stylegan", "pggan", "biggan", "synthetic")
 
 BUILTIN_GENERATORS = {
     "dcgan-digiface": "64×64 DCGAN trained on DigiFace-1M; weights from the gan-face-generate wheel",
+    "synthetic-bands": "32×32 synthetic task with known truth (KLiSH Fig. 2 as images); "
+                       "true labels: gansem.generators.synthetic:true_labels",
 }
 
 
@@ -60,7 +62,11 @@ def load_generator(spec: str):
     """
     from weights_port.errors import CheckpointError
 
-    if spec in BUILTIN_GENERATORS:
+    if spec in BUILTIN_GENERATORS and spec.startswith("synthetic"):
+        from .synthetic import builtin_generator
+
+        return builtin_generator(spec)
+    if spec == "dcgan-digiface":
         from weights_port import dcgan as dcgan_port
         from weights_port.torch_reader import load_torch_file
 

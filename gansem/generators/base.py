@@ -204,15 +204,15 @@ def _to_tuple(v):
 
 # -- checkpoint I/O --------------------------------------------------------------------
 
-def flatten_params(tree, prefix: str = "") -> dict[str, np.ndarray]:
-    """Nested dict -> ``{"a/b/c": array}``."""
+def flatten_params(tree, prefix: str = "", as_numpy: bool = True) -> dict:
+    """Nested dict -> ``{"a/b/c": leaf}`` (leaves converted to numpy unless ``as_numpy=False``)."""
     out = {}
     for k, v in tree.items():
         key = f"{prefix}/{k}" if prefix else str(k)
         if isinstance(v, Mapping):
-            out.update(flatten_params(v, key))
+            out.update(flatten_params(v, key, as_numpy))
         else:
-            out[key] = np.asarray(v)
+            out[key] = np.asarray(v) if as_numpy else v
     return out
 
 
@@ -305,7 +305,7 @@ def check_params(gen: Generator, params, where: str = "params") -> None:
     import jax
 
     expected = jax.eval_shape(gen.init_params, jax.random.key(0))
-    exp_flat = {k: tuple(v.shape) for k, v in flatten_params_shapes(expected).items()}
+    exp_flat = {k: tuple(v.shape) for k, v in flatten_params(expected, as_numpy=False).items()}
     got_flat = {k: tuple(np.shape(v)) for k, v in flatten_params(params).items()}
     missing = sorted(set(exp_flat) - set(got_flat))
     extra = sorted(set(got_flat) - set(exp_flat))
@@ -321,14 +321,3 @@ def check_params(gen: Generator, params, where: str = "params") -> None:
                 "wrong shapes " + ", ".join(f"{k}: {got_flat[k]} (expected {exp_flat[k]})" for k in wrong[:5])
             )
         raise GeneratorError(f"{where}: parameters do not match the {gen.family} config: " + "; ".join(parts))
-
-
-def flatten_params_shapes(tree, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(flatten_params_shapes(v, key))
-        else:
-            out[key] = v
-    return out
