@@ -183,3 +183,33 @@ def test_cli_segment_contract(run8, tmp_path):
     assert 0 <= z["labels"].min() and z["labels"].max() < k
     ref = Segmenter.from_run(d, k=k).sample(5, seed=4)
     np.testing.assert_array_equal(ref["labels"], z["labels"])
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_from_the_cli_gives_the_same_trajectory(run8, tmp_path):
+    import signal
+    import time
+
+    d8, _ = run8
+    out = str(tmp_path / "killed")
+    args = ["launch/klish.py", "--num-images", str(SMALL["num_images"]), "--resolution", str(SMALL["resolution"]),
+            "--k0", str(SMALL["k0"]), "--seed", str(SMALL["seed"]), "--svm-max-iter", str(SMALL["svm_max_iter"]),
+            "--devices", "8", "--out", out, "--no-progress", "--quiet"]
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.Popen([sys.executable] + args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    traj_dir = os.path.join(out, "trajectory")
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(traj_dir) and len([s for s in os.listdir(traj_dir) if s.isdigit()]) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    r = _cli(args + ["--resume"])
+    assert r.returncode == 0, r.stderr
+    assert _merges(load_trajectory(out)) == _merges(load_trajectory(d8))
+    for a, b in zip(load_trajectory(out), load_trajectory(d8)):
+        np.testing.assert_array_equal(a["W"], b["W"])
