@@ -119,3 +119,106 @@ def test_one_and_eight_devices_bitwise_equal(rng):
     np.testing.assert_array_equal(a.labels[:700], b.labels[:700])
     assert a.inertia.tobytes() == b.inertia.tobytes()
     assert int(a.n_iter) == int(b.n_iter)
+
+
+def test_dsquared_sampling_matches_probabilities(rng):
+    """Inverse-CDF sampling picks row i with probability mass_i / sum(mass), never a zero-mass row."""
+    import jax.numpy as jnp
+
+    n = 200
+    mass = rng.uniform(0.0, 1.0, n).astype(np.float32)
+    mass[::7] = 0.0
+    xs, valid, mesh, layout = _place(np.zeros((n, 1), np.float32), 8, max_chunk_rows=16)
+    m = np.zeros(layout.padded_rows, np.float32)
+    m[:n] = mass
+    m_dev = jax.device_put(m, xs.sharding)
+    draws = 20000
+    u = jax.random.uniform(jax.random.key(0), (draws,))
+    idx, total = kmeans._sample_rows(m_dev, u, mesh=mesh, layout=layout)
+    idx = np.asarray(idx)
+    np.testing.assert_allclose(float(total), mass.sum(dtype=np.float64), rtol=1e-5)
+    assert idx.min() >= 0 and idx.max() < n
+    counts = np.bincount(idx, minlength=n)
+    assert counts[mass == 0].sum() == 0
+    # Targets at the very top of the range stay on real rows (trailing chunks are padding).
+    top = jnp.asarray([np.nextafter(np.float32(1.0), np.float32(0.0))] * 3, jnp.float32)
+    idx_top, _ = kmeans._sample_rows(m_dev, top, mesh=mesh, layout=layout)
+    assert all(mass[int(i)] > 0 for i in np.asarray(idx_top))
+    expected = draws * mass / mass.sum()
+    ok = expected > 0
+    chi2 = float((((counts - expected) ** 2)[ok] / expected[ok]).sum())
+    dof = int(ok.sum()) - 1
+    assert chi2 < dof + 5 * np.sqrt(2 * dof)  # ~5 sigma of the chi-square distribution
+
+
+def test_plain_and_greedy_kmeans_plusplus_pick_distinct_rows(rng):
+    x, _ = _blobs(rng, n=400, d=4, k=8, spread=10.0)
+    xs, valid, mesh, layout = _place(x, 8)
+    for trials in (1, 3):
+        init = np.asarray(kmeans.kmeans_plusplus_init(jax.random.key(1), xs, valid, 8, mesh=mesh,
+                                                      layout=layout, n_trials=trials))
+        idx = {int(np.flatnonzero((x == row).all(1))[0]) for row in init}
+        assert len(idx) == 8
+    with pytest.raises(ValueError, match="n_trials"):
+        kmeans.kmeans_plusplus_init(jax.random.key(1), xs, valid, 8, mesh=mesh, layout=layout, n_trials=0)
+
+
+def test_duplicate_rows_fall_back_to_uniform_valid_rows(rng):
+    """Fewer distinct rows than K: seeding still returns K real rows (no padding, no NaN)."""
+    x = np.repeat(rng.standard_normal((3, 4)).astype(np.float32), 10, axis=0)  # 3 distinct rows
+    xs, valid, mesh, layout = _place(x, 8)
+    init = np.asarray(kmeans.kmeans_plusplus_init(jax.random.key(0), xs, valid, 5, mesh=mesh, layout=layout))
+    assert np.isfinite(init).all()
+    assert all((x == row).all(1).any() for row in init)
+    assert len({tuple(r) for r in init}) == 3
+
+
+def test_large_chunks_use_sub_blocks_and_match_numpy(rng):
+    """Chunks above the sub-block size (4096 rows) are split; results still match numpy exactly."""
+    n = 8 * 8192
+    x, _ = _blobs(rng, n=n, d=3, k=4)
+    c = x[:6]
+    xs, valid, mesh, layout = _place(x, 8, max_chunk_rows=8192)
+    assert layout.chunk_rows == 8192 and kmeans._sub_blocks(layout.chunk_rows) < layout.chunk_rows
+    labels, dist = kmeans.assign(xs, c, mesh=mesh, layout=layout)
+    d = ((x[:, None, :].astype(np.float64) - c[None]) ** 2).sum(-1)
+    lab = np.asarray(labels)[:n]
+    # Rows whose two nearest centroids are closer than float32 rounding may go either way.
+    srt = np.sort(d, 1)
+    clear = srt[:, 1] - srt[:, 0] > 1e-3 * (1 + srt[:, 0])
+    np.testing.assert_array_equal(lab[clear], d.argmin(1)[clear])
+    np.testing.assert_allclose(np.asarray(dist)[:n], d[np.arange(n), lab], rtol=1e-5, atol=1e-4)
+
+
+def test_fixed_point_stops_early_with_identical_result(rng):
+    """Lloyd stops at a fixed point (tol=0): same result as a run that could not stop there."""
+    x, y = _blobs(rng, n=500, d=4, k=4, spread=3.0)
+    init = x[[int(np.flatnonzero(y == j)[0]) for j in range(4)]]  # one row per blob: no empty cluster
+    xs, valid, mesh, layout = _place(x, 8)
+    res = kmeans.lloyd(xs, valid, init, mesh=mesh, layout=layout, max_iter=100, tol=0.0)
+    assert bool(res.converged) and int(res.n_iter) < 100
+    # Reference: plain numpy Lloyd for exactly 100 iterations from the same init.
+    c = init.astype(np.float64)
+    for _ in range(100):
+        lab = ((x[:, None, :] - c[None]) ** 2).sum(-1).argmin(1)
+        c = np.stack([x[lab == j].mean(0) for j in range(4)])
+    np.testing.assert_array_equal(np.asarray(res.labels)[:500], lab)
+    np.testing.assert_allclose(np.asarray(res.centroids), c, rtol=1e-5, atol=1e-5)
+    # Stopping one iteration short of the fixed point reports not converged.
+    n = int(res.n_iter)
+    short = kmeans.lloyd(xs, valid, init, mesh=mesh, layout=layout, max_iter=n - 1, tol=0.0)
+    assert not bool(short.converged) and int(short.n_iter) == n - 1
+
+
+def test_one_and_eight_devices_bitwise_equal_large_chunks(rng):
+    """Device invariance also holds on the sub-block path and for plain k-means++."""
+    x, _ = _blobs(rng, n=8 * 4200, d=3, k=5)
+    out = []
+    for n_dev in (1, 8):
+        xs, valid, mesh, layout = _place(x, n_dev, max_chunk_rows=8400)
+        init = kmeans.kmeans_plusplus_init(jax.random.key(2), xs, valid, 5, mesh=mesh, layout=layout, n_trials=1)
+        res = kmeans.lloyd(xs, valid, init, mesh=mesh, layout=layout, max_iter=5)
+        out.append(jax.tree.map(np.asarray, res))
+    a, b = out
+    np.testing.assert_array_equal(a.centroids, b.centroids)
+    assert a.inertia.tobytes() == b.inertia.tobytes()

@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""Full KLiSH trajectory K0 -> 1: gansem defaults vs a faithful re-run of the original procedure.
+
+    python benchmarks/bench_trajectory.py --data gmm512 --n 20000 --k0 100 --out results/trajectory.json
+
+Both runs start from the same initial state (``klish_init``: k-means++ + Lloyd,
+the initial-cluster filter, computed once and not timed in either) and use the
+same SVM tolerance and cap:
+
+* gansem: :func:`gansem.cluster.klish.run_klish` with its defaults (after a
+  merge only the merged class is re-solved, statistics updated incrementally).
+* faithful: the original procedure, one :func:`klish_step` per merge with
+  ``retrain="all"`` (every one of the K SVMs re-trained jointly with a fresh
+  L-BFGS, warm-started from the previous weights, same tolerance) and
+  ``solver="lbfgs"``.
+
+Reported: total time, per-step times, and whether the merge sequences agree
+(pairs of merged cluster ids, step by step). With ``--repeats 0`` (default) the
+gansem time includes compiling everything (its first step), and the faithful
+run, made afterwards, reuses whatever compiled code the two share; with
+``--repeats 1`` gansem's trajectory is run twice and the second (warm) run is
+reported, its first run kept as ``first_run_s``. ``--faithful-steps S`` runs only the first S
+steps of the faithful procedure when the whole run would be too long; the
+output then gives (a) the exact ratio over those S steps and (b) an
+extrapolation of the faithful total (its mean step time over the prefix times
+the number of steps), labelled as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(p, n_default=20_000)
+    p.set_defaults(repeats=0)
+    p.add_argument("--k0", type=int, default=100, help="initial clusters K0 (default 100)")
+    p.add_argument("--lam", type=float, default=5000.0)
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--max-iter", type=int, default=2000)
+    p.add_argument("--no-filter", action="store_true", help="skip the initial-cluster filter")
+    p.add_argument("--faithful-steps", type=int, default=None,
+                   help="run only this many steps of the faithful procedure (default: all)")
+    args = p.parse_args(argv)
+    common.setup_devices(args.devices)
+
+    import jax
+
+    from gansem.cluster import klish, svm
+
+    x, data = common.load_data(args)
+    print(f"data {data}")
+    xs, valid, mesh, layout = common.place(x, args.devices)
+    kw = dict(mesh=mesh, layout=layout, lam=args.lam, tol=args.tol, max_iter=args.max_iter)
+
+    with common.PeakRSS() as mem_init:
+        t = time.perf_counter()
+        precond = svm.svm_preconditioner(xs, valid, mesh=mesh, layout=layout)
+        state0, info = klish.klish_init(jax.random.key(args.seed), xs, valid, args.k0,
+                                        filter_clusters=not args.no_filter, precond=precond, **kw)
+        common.block(state0.W)
+        init_s = time.perf_counter() - t
+    k_init = int(state0.W.shape[0])
+    n_steps = k_init  # K -> 1 merges plus the final K = 1 record
+    print(f"init: K0={args.k0} -> {k_init} clusters after the filter, {init_s:.1f} s")
+
+    # -- gansem defaults --------------------------------------------------------------
+    g_times, g_records = [], []
+    t_last = [time.perf_counter()]
+
+    def on_step(record, state):
+        now = time.perf_counter()
+        g_times.append(now - t_last[0])
+        t_last[0] = now
+        g_records.append(record)
+
+    g_cold = None
+    with common.PeakRSS() as mem_g:
+        for rep in range(1 + max(0, args.repeats)):
+            g_times.clear()
+            g_records.clear()
+            t0 = time.perf_counter()
+            t_last[0] = t0
+            klish.run_klish(jax.random.key(args.seed), xs, valid, args.k0, state=state0, on_step=on_step,
+                            filter_clusters=not args.no_filter, **kw)
+            g_total = time.perf_counter() - t0
+            g_cold = g_total if g_cold is None else g_cold
+            print(f"gansem run {rep + 1}: {len(g_records)} steps in {g_total:.1f} s")
+
+    # -- faithful original procedure ----------------------------------------------------
+    step_kw = dict(kw, retrain="all", precond=precond)
+    if "solver" in inspect.signature(klish.klish_step).parameters:
+        step_kw["solver"] = "lbfgs"
+    limit = n_steps if args.faithful_steps is None else min(n_steps, args.faithful_steps)
+    f_times, f_records = [], []
+    state = state0
+    with common.PeakRSS() as mem_f:
+        for i in range(limit):
+            t = time.perf_counter()
+            state, rec = klish.klish_step(state, xs, valid, **step_kw)
+            common.block(state.W)
+            f_times.append(time.perf_counter() - t)
+            f_records.append(rec)
+            print(f"  faithful step {i + 1}/{limit}: K={rec.k} merge {rec.p}->{rec.q} "
+                  f"({f_times[-1]:.1f} s, {rec.svm_iters} it, {rec.svm_stop_reason})", flush=True)
+    f_total = float(np.sum(f_times))
+    complete = limit == n_steps
+
+    def seq(records):
+        return [tuple(int(v) for v in r.merged_ids) for r in records]
+
+    gs, fs = seq(g_records), seq(f_records)
+    common_len = min(len(gs), len(fs))
+    agree_prefix = next((i for i in range(common_len) if gs[i] != fs[i]), common_len)
+    g_prefix = float(np.sum(g_times[:len(f_times)]))
+    prefix_ratio = common.ratio(g_prefix, f_total)
+    f_est = f_total if complete else float(np.mean(f_times)) * n_steps
+    total_ratio = common.ratio(g_total, f_est)
+
+    rows = [
+        ["gansem (merged class only)", len(g_records), g_total, g_prefix, mem_g.mib],
+        ["faithful (retrain all, fresh L-BFGS)", len(f_records), f_est, f_total, mem_f.mib],
+    ]
+    common.print_table(
+        f"KLiSH trajectory K={k_init} -> 1, {data['name']} N={data['n']} D={data['d']} "
+        f"(faithful total {'measured' if complete else 'EXTRAPOLATED from %d of %d steps' % (limit, n_steps)})",
+        ["procedure", "steps run", "total_s", f"first {len(f_times)} steps s", "peak_MiB"], rows)
+    common.print_table("ratios (gansem / faithful)", ["", "total", f"first {len(f_times)} steps"],
+                       [["gansem / faithful", total_ratio, prefix_ratio]])
+    same = agree_prefix == common_len and (len(gs) == len(fs) or not complete)
+    print(f"merge sequences: {'identical' if same else 'differ'} over the {common_len} compared steps "
+          f"(first {agree_prefix} agree)")
+    met = (1.0 / total_ratio) >= 10 if total_ratio else False
+    print(f"\nTARGET gansem >= 10x faster than the faithful procedure with the same merge sequence: "
+          f"speed-up {1.0 / total_ratio:.1f}x{' (extrapolated)' if not complete else ''}, "
+          f"sequences {'same' if same else 'differ'} -> {'MET' if met and same else 'NOT MET'}")
+    payload = {
+        "benchmark": "trajectory", "machine": common.machine_info(), "data": data, "args": vars(args),
+        "init": {"seconds": init_s, "k_init": k_init, "peak_rss_mib": mem_init.mib,
+                 "kmeans_inertia": info.get("kmeans_inertia")},
+        "gansem": {"total_s": g_total, "first_run_s": g_cold, "warm": args.repeats > 0, "step_s": g_times, "merges": gs, "peak_rss_mib": mem_g.mib,
+                   "svm_iters": [int(r.svm_iters) for r in g_records]},
+        "faithful": {"total_s_measured": f_total, "total_s_estimate": f_est, "complete": complete,
+                     "steps_run": limit, "step_s": f_times, "merges": fs, "peak_rss_mib": mem_f.mib,
+                     "svm_iters": [int(r.svm_iters) for r in f_records],
+                     "svm_converged": [bool(r.svm_converged) for r in f_records]},
+        "ratios": {"total": total_ratio, "prefix": prefix_ratio, "speedup": 1.0 / total_ratio if total_ratio else None},
+        "merge_sequences": {"compared_steps": common_len, "agreeing_prefix": agree_prefix, "identical": same},
+        "target": {"met": bool(met and same)},
+    }
+    common.write_json(args.out, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
