@@ -54,6 +54,7 @@ class KlishJobConfig:
     svm_max_iter: int = 3000
     kmeans_iters: int = 20
     retrain: str = "merged"
+    solver: str = "lbfgs"
     truncation: Optional[float] = None
     batch_size: int = 16
 
@@ -200,7 +201,7 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
     ck = RunCheckpoints(run_dir)
     solver_kw = dict(lam=config.lam, tol=config.tol, max_iter=config.svm_max_iter)
     try:
-        precond = svm.svm_preconditioner(x, valid, mesh=mesh, layout=layout)
+        precond, merge_cache = svm.svm_preconditioner(x, valid, mesh=mesh, layout=layout), K.MergeCache()
         # -- initial state ----------------------------------------------------------------
         t = time.time()
         if has_state and ck.latest_state_step() is not None:
@@ -215,7 +216,7 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
             state, init_info = K.klish_init(
                 jax.random.fold_in(key, 2), x, valid, config.k0, mesh=mesh, layout=layout,
                 filter_clusters=config.filter_clusters, kmeans_iters=config.kmeans_iters,
-                precond=precond, **solver_kw)
+                precond=precond, solver=config.solver, **solver_kw)
             init_info = _jsonable(init_info)
             with open(os.path.join(run_dir, "init.json"), "w") as f:
                 json.dump(init_info, f, indent=2)
@@ -235,7 +236,7 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
                 if max_steps is not None and done_here >= max_steps:
                     break
                 state, rec = K.klish_step(state, x, valid, mesh=mesh, layout=layout, retrain=config.retrain,
-                                          precond=precond, **solver_kw)
+                                          precond=precond, solver=config.solver, cache=merge_cache, **solver_kw)
                 step += 1
                 done_here += 1
                 ck.save_step(step, rec, state)

@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--retrain", choices=("merged", "all"), default="merged",
                    help="after each merge re-solve only the merged class (exact: Eq. 3 is a sum of independent "
                         "binary SVMs) or all classes jointly as the original implementation does")
+    g.add_argument("--solver", choices=("lbfgs", "newton"), default="lbfgs",
+                   help="SVM solver, both exact (same optimum of Eq. 3, same stopping rule): jaxopt L-BFGS "
+                        "preconditioned by the active-set Hessian, or the primal finite Newton method "
+                        "(Cholesky of the active-set Hessian + exact line search)")
     g = p.add_argument_group("run")
     g.add_argument("--devices", type=int, default=None,
                    help="number of devices to shard pixels over; on a machine with fewer devices N CPU devices "
@@ -100,6 +104,7 @@ def main(argv=None) -> int:
         generator=spec, num_images=args.num_images, resolution=args.resolution, k0=args.k0, seed=args.seed,
         channel_budget=args.channel_budget, filter_clusters=not args.no_filter, lam=args.lam, tol=args.tol,
         svm_max_iter=args.svm_max_iter, kmeans_iters=args.kmeans_iters, retrain=args.retrain,
+        solver=args.solver,
         truncation=args.truncation, batch_size=args.batch_size,
     )
     name = os.path.basename(os.path.normpath(spec))

@@ -166,3 +166,26 @@ def test_retrain_merged_and_all_give_same_merges():
         assert all(r.svm_converged for r in recs)
         seqs.append([(r.p, r.q) for r in recs])
     assert seqs[0] == seqs[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("solver", ["lbfgs", "newton"])
+def test_incremental_statistics_equal_recomputation(solver):
+    # With a cache, each step updates only the merged class's statistics; without one
+    # they are rebuilt from scratch. Records must be bitwise equal, and agree with the
+    # independent one-pass merge_statistics to float tolerance.
+    x, _ = _blobs(3, n=450, k=4, spread=6.0)
+    xs, valid, mesh, layout = _place(x)
+    state0, _ = klish.klish_init(jax.random.key(3), xs, valid, 7, mesh=mesh, layout=layout,
+                                 filter_clusters=False)
+    cache = klish.MergeCache()
+    sa, sb = state0, state0
+    for _ in range(state0.W.shape[0]):
+        labels = sa.labels
+        sa, ra = klish.klish_step(sa, xs, valid, mesh=mesh, layout=layout, solver=solver, cache=cache)
+        sb, rb = klish.klish_step(sb, xs, valid, mesh=mesh, layout=layout, solver=solver, cache=None)
+        _records_equal([ra], [rb])
+        iou, ecos, _ = klish.merge_statistics(ra.W, ra.b, xs, valid, labels, mesh=mesh, layout=layout)
+        np.testing.assert_allclose(ra.iou, np.asarray(iou), rtol=1e-6)
+        np.testing.assert_allclose(ra.ecos, np.asarray(ecos), rtol=1e-5, atol=1e-6)
+        assert ra.svm_converged

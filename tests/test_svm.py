@@ -123,3 +123,31 @@ def test_bad_classes_is_a_clear_error(solved):
     with pytest.raises(ValueError, match="distinct indices"):
         svm.train_ovr_svm(xs, valid, ls, np.zeros((4, 6)), np.zeros(4), mesh=mesh, layout=layout,
                           classes=[4])
+
+
+def test_newton_matches_lbfgs_and_numpy(solved):
+    x, y, (xs, valid, ls, mesh, layout), res = solved
+    new = svm.train_ovr_svm(xs, valid, ls, np.zeros((4, 6)), np.zeros(4), mesh=mesh, layout=layout, lam=LAM,
+                            solver="newton")
+    assert bool(new.converged) and new.stop_reason == "weight_change" and new.hessian_evals >= 4
+    W, b = np.asarray(new.W), np.asarray(new.b)
+    gW, gb = _eq3_grad_numpy(W, b, x, y)
+    g0W, g0b = _eq3_grad_numpy(np.zeros_like(W), np.zeros_like(b), x, y)
+    assert np.sqrt(np.sum(gW**2) + np.sum(gb**2)) <= 1e-3 * np.sqrt(np.sum(g0W**2) + np.sum(g0b**2))
+    np.testing.assert_allclose(_eq3_numpy(W, b, x, y), _eq3_numpy(np.asarray(res.W), np.asarray(res.b), x, y),
+                               rtol=1e-6)
+    pred_n = np.argmax(x @ W.T + b, 1)
+    pred_l = np.argmax(x @ np.asarray(res.W).T + np.asarray(res.b), 1)
+    assert np.mean(pred_n == pred_l) > 0.999
+
+
+@pytest.mark.parametrize("solver", ["lbfgs", "newton"])
+def test_working_sets_do_not_change_the_solution(solved, solver):
+    # ws_margin=1e9 puts every row in every working set: the plain full-data solve.
+    x, y, (xs, valid, ls, mesh, layout), _ = solved
+    kw = dict(mesh=mesh, layout=layout, lam=LAM, solver=solver)
+    small = svm.train_ovr_svm(xs, valid, ls, np.zeros((4, 6)), np.zeros(4), ws_margin=0.0, **kw)
+    full = svm.train_ovr_svm(xs, valid, ls, np.zeros((4, 6)), np.zeros(4), ws_margin=1e9, **kw)
+    assert bool(small.converged) and bool(full.converged)
+    np.testing.assert_allclose(_eq3_numpy(np.asarray(small.W), np.asarray(small.b), x, y),
+                               _eq3_numpy(np.asarray(full.W), np.asarray(full.b), x, y), rtol=1e-6)

@@ -23,9 +23,17 @@ clusters, map IoU through the inverse sigmoid (IoU clipped to [1e-6, 1-1e-6]),
 drop clusters whose logit is below ``mean - std`` (population std), and re-run
 Lloyd from the kept centroids.
 
-Shapes: the merge-statistics pass keeps W padded to a multiple of 16 rows, so
-the loop from K0 = 100 compiles that pass 7 times instead of 99; the merged-class
-solve always has one class and compiles once.
+Incremental statistics (exact). After merging p into q only w_q changes, so the
+counts behind IoU_k (Eq. 4) and the hinge sums are unchanged for k != q, and the
+ECoS numerator matrix ``sum_i d_ik d_ij`` (Eq. 5) changes only in row/column q.
+:class:`MergeCache` keeps the score matrix ``[N_pad, Kw]`` (row-sharded) and
+those statistics between steps; a step then costs the solve plus
+``O(N D + N K)`` (one score column, one matrix-vector product) instead of
+``O(N D K)``. Every column is computed by the same kernels whether it is
+updated or rebuilt (a 16-wide score block, a matrix-vector product for the
+ECoS column, fixed width ``Kw = bucket(K_init)`` for the whole run), so a cache
+rebuilt from scratch (resume, or ``cache=None``) is bitwise identical to the
+updated one, and so is the trajectory.
 
 Everything per row goes through :mod:`gansem.sharding` (``row_reduce``/``row_map``),
 so the merge sequence is bit-identical on 1 and 8 devices.
@@ -34,6 +42,7 @@ so the merge sequence is bit-identical on 1 and 8 devices.
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Callable, NamedTuple, Optional
 
 import jax
@@ -57,6 +66,7 @@ __all__ = [
     "klish_init",
     "klish_step",
     "run_klish",
+    "MergeCache",
 ]
 
 _PAD_ROWS = 16
@@ -216,6 +226,148 @@ def select_merge(iou, ecos):
     return p, int(np.argmax(row))
 
 
+# -- incremental statistics ----------------------------------------------------------
+
+
+class _Stats(NamedTuple):
+    """Merge statistics of classes ``0..K-1`` stored in ``Kw`` columns (the rest padding).
+
+    Attributes:
+        scores: ``[N_pad, Kw] float32`` row-sharded SVM scores (padding columns -2).
+        gram: ``[Kw, Kw] float32`` ECoS numerators ``sum_i d_ik d_ij``.
+        inter, pred, n_gt: ``[Kw] int32`` counts behind Eq. 4.
+        hinge: ``[Kw] float32`` per-class squared-hinge sums.
+    """
+
+    scores: jax.Array
+    gram: jax.Array
+    inter: jax.Array
+    pred: jax.Array
+    n_gt: jax.Array
+    hinge: jax.Array
+
+
+class MergeCache:
+    """Statistics of the merge loop kept in memory between :func:`klish_step` calls.
+
+    Create one per run and pass it to every step (``cache=``); the step reads it
+    when it belongs to the state it is given (same x, W, b and labels objects)
+    and leaves the statistics of the state it returns in it. With no matching
+    cache the statistics are rebuilt from scratch, with bitwise the same result,
+    so nothing about it needs saving: a resumed run rebuilds it once.
+    """
+
+    def __init__(self):
+        self._key = None
+        self._stats = None
+
+    def _get(self, state, x):
+        if self._key is None:
+            return None
+        xr, W, b, labels = self._key
+        if xr() is x and W is state.W and b is state.b and labels is state.labels:
+            return self._stats
+        return None
+
+    def _put(self, state, x, stats):
+        self._key = (weakref.ref(x), state.W, state.b, state.labels)
+        self._stats = stats
+
+    def clear(self):
+        """Forget the cached statistics."""
+        self._key = None
+        self._stats = None
+
+
+def _width(state) -> int:
+    """Column count of the statistics for the whole run: ``bucket(K_init)`` (``K_init = K + steps``)."""
+    return _bucket(int(state.W.shape[0]) + int(state.step))
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "layout"))
+def _score_block(x, Wb, bb, *, mesh, layout):
+    """Scores of 16 classifiers ``Wb [16, D]``, ``bb [16]``: ``[N_pad, 16]`` (lane-invariant GEMM)."""
+    return sharding.row_map(lambda xc, W, b: svm_scores(W, b, xc), mesh, layout, (x,), (Wb, bb))
+
+
+def _column_chunk(sc, sj, vc, lc, j):
+    ok = vc > 0
+    d = jnp.clip((sc + 1.0) * 0.5, 0.0, 1.0) * vc[:, None]
+    dj = jnp.clip((sj + 1.0) * 0.5, 0.0, 1.0) * vc
+    gcol = d.T @ dj  # NK,N -> K (matrix-vector: the same bits whichever column is updated)
+    gt = (lc == j) & ok
+    pos = (sj > 0) & ok
+    y = jnp.where(gt, 1.0, -1.0)
+    m = jnp.maximum(0.0, 1.0 - y * sj) * vc
+    return (gcol, jnp.sum(pos & gt, dtype=jnp.int32), jnp.sum(pos, dtype=jnp.int32),
+            jnp.sum(gt, dtype=jnp.int32), jnp.sum(m * m))
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "layout"))
+def _update_columns(stats, x, valid, labels, W16, b16, cols, *, mesh, layout):
+    """Recompute score columns ``cols [16]`` (``-1`` = unused lane) and then their statistics."""
+    blk = _score_block(x, W16, b16, mesh=mesh, layout=layout)  # [N_pad, 16]
+    kw = stats.scores.shape[1]
+    tgt = jnp.where(cols >= 0, cols, kw)  # out-of-range lanes are dropped
+    S = stats.scores.at[:, tgt].set(blk, mode="drop")
+
+    def one(st, lane):
+        j = cols[lane]
+        jj = jnp.maximum(j, 0)
+        gcol, inter, pred, ngt, hinge = sharding.row_reduce(
+            _column_chunk, mesh, layout, (S, S[:, jj], valid, labels), (jj,))
+        use = j >= 0
+        gram = jnp.where(use, st.gram.at[jj, :].set(gcol).at[:, jj].set(gcol), st.gram)
+        upd = lambda a, v: jnp.where(use, a.at[jj].set(v), a)  # noqa: E731
+        return st._replace(gram=gram, inter=upd(st.inter, inter), pred=upd(st.pred, pred),
+                           n_gt=upd(st.n_gt, ngt), hinge=upd(st.hinge, hinge)), None
+
+    st, _ = jax.lax.scan(one, stats._replace(scores=S), jnp.arange(cols.shape[0]))
+    return st
+
+
+def _empty_stats(n_pad, kw, mesh):
+    S = jax.device_put(jnp.full((n_pad, kw), -2.0, jnp.float32), sharding.row_sharding(mesh))
+    z = jnp.zeros((kw,), jnp.int32)
+    return _Stats(S, jnp.zeros((kw, kw), jnp.float32), z, z, z, jnp.zeros((kw,), jnp.float32))
+
+
+def _refresh(stats, W, b, cols, x, valid, labels, *, mesh, layout):
+    """Recompute the statistics of classes ``cols`` (host ints), 16 at a time."""
+    W = jnp.asarray(W, jnp.float32)
+    b = jnp.asarray(b, jnp.float32)
+    cols = np.asarray(cols, np.int64)
+    for s in range(0, cols.size, _PAD_ROWS):
+        c = np.full(_PAD_ROWS, -1, np.int32)
+        c[: min(_PAD_ROWS, cols.size - s)] = cols[s:s + _PAD_ROWS]
+        idx = jnp.asarray(np.maximum(c, 0))
+        use = jnp.asarray(c >= 0)[:, None]
+        W16 = jnp.where(use, W[idx], 0.0)
+        b16 = jnp.where(use[:, 0], b[idx], -2.0)
+        stats = _update_columns(stats, x, valid, labels, W16, b16, jnp.asarray(c), mesh=mesh, layout=layout)
+    return stats
+
+
+@jax.jit
+def _finish(stats):
+    union = stats.pred + stats.n_gt - stats.inter
+    iou = stats.inter.astype(jnp.float32) / jnp.maximum(union, 1).astype(jnp.float32)
+    norm = jnp.sqrt(jnp.maximum(jnp.diagonal(stats.gram), 1e-12))
+    return iou, stats.gram / (norm[:, None] * norm[None, :])
+
+
+@jax.jit
+def _drop_class(stats, perm):
+    """Delete one class: columns reordered by ``perm [Kw]`` (deleted class last), last column reset."""
+    kw = perm.shape[0]
+    last = jnp.arange(kw) == kw - 1
+    S = jnp.where(last[None, :], -2.0, stats.scores[:, perm])
+    gram = jnp.where(last[:, None] | last[None, :], 0.0, stats.gram[perm][:, perm])
+    zi = lambda a: jnp.where(last, 0, a[perm])  # noqa: E731
+    return _Stats(S, gram, zi(stats.inter), zi(stats.pred), zi(stats.n_gt), jnp.where(last, 0.0, stats.hinge[perm]))
+
+
+
 # -- initialisation ------------------------------------------------------------------
 
 
@@ -285,7 +437,7 @@ def _apply_table(labels, table):
 
 
 def klish_init(key, x, valid, k0, *, mesh, layout, filter_clusters=True, kmeans_iters=20,
-               kmeans_tol=1e-4, lam=5000.0, tol=1e-4, max_iter=2000, precond=None):
+               kmeans_tol=1e-4, lam=5000.0, tol=1e-4, max_iter=2000, precond=None, solver="lbfgs"):
     """K-means++ and Lloyd, optional filter, ordered initial state of the merge loop.
 
     The state's classifier is the nearest-centroid linear model (:func:`linear_init`)
@@ -300,7 +452,7 @@ def klish_init(key, x, valid, k0, *, mesh, layout, filter_clusters=True, kmeans_
         mesh, layout: from :mod:`gansem.sharding`.
         filter_clusters: apply the initial-cluster filter.
         kmeans_iters, kmeans_tol: Lloyd settings.
-        lam, tol, max_iter: SVM settings (filter only).
+        lam, tol, max_iter, solver: SVM settings (filter only).
         precond: :class:`gansem.cluster.svm.SVMPreconditioner` (computed if None).
 
     Returns:
@@ -320,7 +472,7 @@ def klish_init(key, x, valid, k0, *, mesh, layout, filter_clusters=True, kmeans_
             precond = svm.svm_preconditioner(x, valid, mesh=mesh, layout=layout)
         fit = svm.train_ovr_svm(x, valid, res.labels, W, b, mesh=mesh, layout=layout, lam=lam,
                                 tol=tol, max_iter=max_iter, precond=precond,
-                                compute_objective=False)
+                                compute_objective=False, solver=solver)
         iou = cluster_iou(fit.W, fit.b, x, valid, res.labels, mesh=mesh, layout=layout)
         res, keep, logits, thr = filter_initial_clusters(
             iou, res.centroids, x, valid, mesh=mesh, layout=layout, kmeans_iters=kmeans_iters,
@@ -354,19 +506,23 @@ def klish_init(key, x, valid, k0, *, mesh, layout, filter_clusters=True, kmeans_
 
 
 def klish_step(state: KlishState, x, valid, *, mesh, layout, lam=5000.0, tol=1e-4, max_iter=2000,
-               retrain="merged", precond=None):
+               retrain="merged", precond=None, solver="lbfgs", cache: Optional[MergeCache] = None):
     """One iteration of Algorithm 1: train, measure, record, merge.
 
     Args:
         state: current :class:`KlishState`.
         x: ``[N_pad, D]`` row-sharded features; valid: ``[N_pad] float32``.
         mesh, layout: from :mod:`gansem.sharding`.
-        lam, tol, max_iter: SVM settings (:func:`gansem.cluster.svm.train_ovr_svm`).
+        lam, tol, max_iter, solver: SVM settings (:func:`gansem.cluster.svm.train_ovr_svm`).
         retrain: ``"merged"`` re-solves only stale classes (all at the first step,
-            then the class produced by the last merge); ``"all"`` re-solves every
-            class from the warm start.
+            then the class produced by the last merge) and updates the merge
+            statistics of those classes only; ``"all"`` re-solves every class
+            from the warm start and recomputes every statistic (the original
+            procedure, for comparison).
         precond: :class:`gansem.cluster.svm.SVMPreconditioner` for ``x`` (computed
             if None; pass it when looping).
+        cache: a :class:`MergeCache` shared by the steps of one run (speed only;
+            the result is bitwise the same without it).
 
     Returns:
         ``(new_state, record)``; at K = 1 the record has ``p = q = -1`` and the
@@ -379,14 +535,19 @@ def klish_step(state: KlishState, x, valid, *, mesh, layout, lam=5000.0, tol=1e-
         classes = np.arange(k)
     else:
         raise ValueError(f"retrain must be 'merged' or 'all', got {retrain!r}")
+    stats = None if cache is None or retrain == "all" else cache._get(state, x)
     fit = svm.train_ovr_svm(x, valid, state.labels, state.W, state.b, mesh=mesh, layout=layout,
                             lam=lam, tol=tol, max_iter=max_iter, classes=classes, precond=precond,
-                            compute_objective=False)
-    iou, ecos, hinge = merge_statistics(fit.W, fit.b, x, valid, state.labels, mesh=mesh,
-                                        layout=layout)
+                            compute_objective=False, solver=solver)
+    if stats is None:
+        stats = _refresh(_empty_stats(x.shape[0], _width(state), mesh), fit.W, fit.b, np.arange(k), x, valid,
+                         state.labels, mesh=mesh, layout=layout)
+    else:
+        stats = _refresh(stats, fit.W, fit.b, classes, x, valid, state.labels, mesh=mesh, layout=layout)
+    iou, ecos = _finish(stats)
     n = float(np.asarray(state.sizes).sum())
-    objective = float(svm.objective_from_hinge(hinge, fit.W, lam, n))
-    iou_h, ecos_h = np.asarray(iou), np.asarray(ecos)
+    objective = float(svm.objective_from_hinge(stats.hinge[:k], fit.W, lam, n))
+    iou_h, ecos_h = np.asarray(iou)[:k], np.asarray(ecos)[:k, :k]
     sizes = np.asarray(state.sizes)
     ids = np.asarray(state.ids)
     if k > 1:
@@ -404,6 +565,8 @@ def klish_step(state: KlishState, x, valid, *, mesh, layout, lam=5000.0, tol=1e-
     if k == 1:
         new_state = state._replace(W=fit.W, b=fit.b, step=state.step + 1,
                                    stale=jnp.zeros((1,), bool))
+        if cache is not None:
+            cache._put(new_state, x, stats)
         return new_state, record
     # Merge p into q: labels p -> q, indices above p shift down, row p deleted.
     keep = np.delete(np.arange(k), p)
@@ -425,12 +588,16 @@ def klish_step(state: KlishState, x, valid, *, mesh, layout, lam=5000.0, tol=1e-
         ids=jnp.asarray(new_ids[keep], jnp.int32),
         stale=jnp.asarray(stale),
     )
+    if cache is not None:
+        kw = stats.scores.shape[1]
+        perm = np.concatenate([np.delete(np.arange(kw), p), [p]]).astype(np.int32)
+        cache._put(new_state, x, _drop_class(stats, jnp.asarray(perm)))
     return new_state, record
 
 
 def run_klish(key, x, valid, k0, *, mesh, layout, on_step: Optional[Callable] = None,
               state: Optional[KlishState] = None, filter_clusters=True, kmeans_iters=20,
-              kmeans_tol=1e-4, lam=5000.0, tol=1e-4, max_iter=2000, retrain="merged"):
+              kmeans_tol=1e-4, lam=5000.0, tol=1e-4, max_iter=2000, retrain="merged", solver="lbfgs"):
     """Algorithm 1 down to K = 1 (the record at K = 1 has no merge).
 
     Args:
@@ -442,7 +609,7 @@ def run_klish(key, x, valid, k0, *, mesh, layout, on_step: Optional[Callable] = 
             record and the state *after* it (save both to resume).
         state: resume from this state instead of initialising.
         filter_clusters, kmeans_iters, kmeans_tol: see :func:`klish_init`.
-        lam, tol, max_iter, retrain: see :func:`klish_step`.
+        lam, tol, max_iter, retrain, solver: see :func:`klish_step`.
 
     Returns:
         ``list[MergeRecord]`` of the steps run by this call.
@@ -452,11 +619,13 @@ def run_klish(key, x, valid, k0, *, mesh, layout, on_step: Optional[Callable] = 
         state, _ = klish_init(key, x, valid, k0, mesh=mesh, layout=layout,
                               filter_clusters=filter_clusters, kmeans_iters=kmeans_iters,
                               kmeans_tol=kmeans_tol, lam=lam, tol=tol, max_iter=max_iter,
-                              precond=precond)
+                              precond=precond, solver=solver)
+    cache = MergeCache()
     records = []
     while not (state.W.shape[0] == 1 and not bool(np.asarray(state.stale).any())):
         state, record = klish_step(state, x, valid, mesh=mesh, layout=layout, lam=lam, tol=tol,
-                                   max_iter=max_iter, retrain=retrain, precond=precond)
+                                   max_iter=max_iter, retrain=retrain, precond=precond, solver=solver,
+                                   cache=cache)
         records.append(record)
         if on_step is not None:
             on_step(record, state)

@@ -8,29 +8,57 @@ Eq. 3 (M classes, dataset A of N labelled rows, lambda_1 = 5000)::
 The bias is not regularised. Writing ``y_ik = +1`` if ``y_i = k`` else ``-1``,
 Eq. 3 is the mean over classes of M **independent** binary problems::
 
-    L = 1/M * sum_k f_k(w_k, b_k),
-    f_k(w, b) = lambda_1 / N * sum_i (1 - y_ik (w . x_i + b))_+^2 + 1/2 ||w||^2.
+    L = 1/M * sum_k f_k(v_k),   v_k = [w_k, b_k],
+    f_k(v) = C * sum_i (1 - y_ik v . x~_i)_+^2 + 1/2 ||w||^2,   C = lambda_1 / N,   x~ = [x, 1].
 
-:func:`train_ovr_svm` exploits this: each requested class is solved on its own
-(all of them at once with ``jax.vmap``, so one matmul serves every class), and
-``classes=[q]`` re-solves only row q. After a KLiSH merge of p into q, only the
-problem of q changes (every other class keeps its positives and its negatives),
-so one binary solve per merge step reaches the same optimum as re-solving all.
+:func:`train_ovr_svm` solves the requested classes one by one, each to the
+same stopping rule; ``classes=[q]`` re-solves only row q, which after a KLiSH
+merge of p into q is the only problem that changed.
 
-Solver: L-BFGS from jaxopt behind :func:`_minimize` (swap it for ``optax.lbfgs``
-there and nothing else changes). The objective and its closed-form gradient are
-row sums computed by :func:`gansem.sharding.row_reduce`, hence bit-identical on 1
-and 8 devices.
+How one class is solved (exact: the result is the optimum of the full f_k):
 
-Stopping rule per class: the paper's "L-inf change of W below ``tol`` = 1e-4"
-between two L-BFGS iterations, guarded against the weak cases seen with L-BFGS
-(tiny first steps, see docs/measurements.md): it only counts from the second
-iteration on and only when the gradient norm is also below
-``grad_rtol * ||grad f_k(0, 0)||`` (the gradient at the zero classifier, a
-problem-scale quantity independent of the warm start). Other stop reasons are a
-failed line search (converged only if the gradient test holds) and ``max_iter``
-(never converged). Nothing stops silently: per-class iterations, flags, gradient
-norms and reasons are returned.
+1. **Start.** The start ``(w0, b0)`` is first rescaled: the best
+   ``(alpha w0, alpha b0 + beta)`` is found by a 2-D Newton method over all rows
+   (a pass over one score column). This fixes the margin scale of, e.g., the
+   nearest-centroid start, whose scores all lie in [-1, 0.5].
+2. **Working set.** Rows with ``y s >= 1`` contribute nothing to f_k or its
+   gradient. The class is solved on the rows ``Omega = {i : y_i s_i < 1 + margin}``
+   only (a compact gathered copy, typically a few times the class size). At
+   the reduced solution the scores of *all* rows are recomputed; if no row
+   outside ``Omega`` is active, the reduced solution has the full problem's
+   value and gradient, so (f_k convex) it is the full solution. Otherwise
+   ``Omega`` grows by the rows now within the margin and the solve continues.
+3. **Reduced solve**, in one of two ways (``solver=``):
+
+   * ``"lbfgs"`` (default): L-BFGS from jaxopt, behind :func:`_minimize` (swap
+     it for ``optax.lbfgs`` there and nothing else changes), in the variables
+     ``u = L^T v`` where ``L L^T = H`` is the generalised Hessian of f_k at the
+     start, ``H = R + 2 C X~_A^T X~_A`` over the active rows A
+     (``R = diag(1, .., 1, 0)``). Wherever the active set has not changed the
+     Hessian in ``u`` is the identity, so the first unit step is the Newton step.
+     The factor is refreshed (and L-BFGS restarted) every ``refresh_every``
+     iterations while not converged.
+   * ``"newton"``: the primal finite Newton method for the L2-loss SVM (Keerthi &
+     DeCoste, JMLR 2005; LIBLINEAR's L2-loss primal): Newton direction from the
+     Cholesky factor of H, exact line search on the piecewise-quadratic 1-D
+     function.
+
+   H is built from gathered active rows (``|A| D^2``) and afterwards updated
+   with the rows whose active status flipped (``|flips| D^2``, usually a few).
+
+Stopping rule (both solvers): the paper's "L-inf change of W below ``tol`` =
+1e-4" between two iterations, guarded against weak cases (tiny first steps, see
+docs/measurements.md): the gradient norm must also be below
+``grad_rtol * ||grad f_k(0, 0)||``; for L-BFGS the change only counts from the
+second iteration of a cycle. Other stop reasons are a failed line search
+(converged only if the gradient test holds) and ``max_iter`` (never converged).
+Per-class iterations, flags, gradient norms and reasons are returned.
+
+Devices. Passes over all rows go through :func:`gansem.sharding.row_reduce` /
+``row_map`` (fixed chunk shapes, ordered sums); reduced problems are gathered
+(exact copies of rows) onto the mesh's first device and solved there by the
+same program whatever the mesh. Every decision taken on the host comes from
+such values, so results are bit-identical on 1 and 8 devices.
 
 Relation to scikit-learn: ``f_k`` is LIBLINEAR's L2-regularised L2-loss primal
 ``1/2 |w|^2 + C sum_i max(0, 1 - y_i w.x_i)^2`` with ``C = lambda_1 / N``, except
@@ -56,6 +84,7 @@ from gansem import sharding
 __all__ = [
     "SVMResult",
     "STOP_REASONS",
+    "SOLVERS",
     "ovr_svm_objective",
     "per_class_hinge",
     "train_ovr_svm",
@@ -67,6 +96,11 @@ __all__ = [
 #: Stop-reason codes used in :attr:`SVMResult.class_stop`.
 STOP_REASONS = ("max_iter", "weight_change", "line_search_failed", "not_solved")
 _MAX_ITER, _WEIGHT_CHANGE, _LS_FAILED, _NOT_SOLVED = range(4)
+_WS_LIMIT0 = int(__import__('os').environ.get('GANSEM_WS0', '1024'))
+_DEBUG = bool(__import__("os").environ.get("GANSEM_SVM_DEBUG"))
+
+#: Solvers accepted by :func:`train_ovr_svm`.
+SOLVERS = ("lbfgs", "newton")
 
 
 class SVMResult(NamedTuple):
@@ -76,17 +110,18 @@ class SVMResult(NamedTuple):
         W: ``[K, D] float32`` weights (rows not in ``classes`` are the input rows).
         b: ``[K] float32`` biases.
         objective: ``() float32`` Eq. 3 at (W, b) (NaN if not computed).
-        n_iter: ``() int32`` largest number of L-BFGS iterations over solved classes.
+        n_iter: ``() int32`` largest number of solver iterations over solved classes.
         converged: ``() bool`` every solved class converged.
         grad_norm: ``() float32`` largest final gradient norm over solved classes.
-        stop_reason: ``str``, one of :data:`STOP_REASONS` (``"not_solved"`` if
-            ``classes`` was empty).
-        class_iters: ``[K] int32`` iterations of the solve each class took part in
-            (0 for classes not solved).
-        class_converged: ``[K] bool`` per class: its gradient test holds and the
-            solve converged (True for classes not solved).
+        stop_reason: ``str``, one of :data:`STOP_REASONS`: the reason of the first
+            class that did not converge, else of the class that took most
+            iterations (``"not_solved"`` if ``classes`` was empty).
+        class_iters: ``[K] int32`` solver iterations per class (0 for classes not solved).
+        class_converged: ``[K] bool`` per class (True for classes not solved).
         class_grad_norm: ``[K] float32`` final gradient norm per class (0 if not solved).
         class_stop: ``[K] int32`` index into :data:`STOP_REASONS` per class.
+        hessian_evals: number of Hessians built from scratch (``int``).
+        working_rows: ``[K] int32`` final working-set size per class (0 if not solved).
     """
 
     W: jax.Array
@@ -100,6 +135,8 @@ class SVMResult(NamedTuple):
     class_converged: jax.Array
     class_grad_norm: jax.Array
     class_stop: jax.Array
+    hessian_evals: int = 0
+    working_rows: Optional[jax.Array] = None
 
 
 # -- objective -----------------------------------------------------------------------
@@ -158,72 +195,263 @@ def objective_from_hinge(hinge, W, lam, n_valid):
     return lam / (k * n_valid) * jnp.sum(hinge) + 0.5 / k * jnp.sum(W * W)
 
 
-# -- preconditioning -----------------------------------------------------------------
+# -- data-set constants --------------------------------------------------------------
 
 
 class SVMPreconditioner(NamedTuple):
-    """Change of variables that makes Eq. 3 well conditioned for L-BFGS.
-
-    Computed once per feature matrix by :func:`svm_preconditioner` and reused
-    for every merge step. With ``C = U diag(e) U^T`` the covariance of the valid
-    rows and ``mu`` their mean, class k is optimised over ``(v, c)`` with::
-
-        w = U (s_k * v),   s_k = (1 + 2 lam a_k e)^(-1/2)
-        b = c / sqrt(2 lam a_k) - w . mu
-
-    where ``a_k = clip(2 n_k / N, 1e-3, 1)`` estimates the fraction of rows with
-    an active hinge. The Hessian of ``f_k`` in ``(v, c)`` is then close to a
-    multiple of the identity. It changes only the path of the solver, never the
-    problem being solved: the minimiser of Eq. 3 is the same.
+    """Per-data-set constants of the solver, computed once by :func:`svm_preconditioner`.
 
     Attributes:
-        basis: ``[D, D] float32`` eigenvectors U of the feature covariance.
-        eigvals: ``[D] float32`` eigenvalues e (clipped at 0).
-        mean: ``[D] float32`` feature mean mu.
+        n_valid: ``() float32`` number of valid rows N (C = lambda_1 / N).
     """
 
-    basis: jax.Array
-    eigvals: jax.Array
-    mean: jax.Array
+    n_valid: jax.Array
 
 
 def svm_preconditioner(x, valid, *, mesh, layout) -> SVMPreconditioner:
-    """Feature mean and covariance eigendecomposition (eigh in float64).
-
-    Estimated from the first ``min(chunk_rows, 2048)`` rows of every chunk.
-
-    Args:
-        x: ``[N_pad, D]`` row-sharded features; valid: ``[N_pad] float32`` mask.
-        mesh, layout: from :mod:`gansem.sharding`.
-    """
-    s1, s2, n = _moments(x, valid, mesh=mesh, layout=layout)
-    n = float(n)
-    mean = np.asarray(s1, np.float64) / n
-    cov = np.asarray(s2, np.float64) / n - np.outer(mean, mean)
-    cov = 0.5 * (cov + cov.T)
-    e, u = np.linalg.eigh(cov)
-    return SVMPreconditioner(
-        basis=jnp.asarray(u, jnp.float32),
-        eigvals=jnp.asarray(np.maximum(e, 0.0), jnp.float32),
-        mean=jnp.asarray(mean, jnp.float32),
-    )
+    """Constants of :func:`train_ovr_svm` for one data set (pass them when calling it repeatedly)."""
+    del x
+    return SVMPreconditioner(n_valid=_count_valid(valid, mesh=mesh, layout=layout).astype(jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "layout"))
-def _moments(x, valid, *, mesh, layout):
-    # A preconditioner needs only an estimate: use the first rows of every chunk
-    # (at most 2048 of them), which keeps this pass ~8x cheaper than a full one.
-    m = min(layout.chunk_rows, 2048)
-
-    def part(xc, vc):
-        xc, vc = xc[:m], vc[:m]
-        xv = xc * vc[:, None]
-        return jnp.sum(xv, axis=0), xv.T @ xc, jnp.sum(vc > 0, dtype=jnp.int32)
-
-    return sharding.row_reduce(part, mesh, layout, (x, valid))
+def _count_valid(valid, *, mesh, layout):
+    return _n_valid(valid, mesh, layout)
 
 
-# -- solver --------------------------------------------------------------------------
+# -- passes over all rows (sharded, device-invariant) --------------------------------
+
+
+def _signs(lc, cls):
+    """``y [n, B]``: +1 where the row's label is the class, else -1."""
+    return jnp.where(lc[:, None] == cls[None, :], 1.0, -1.0)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "layout"))
+def _scores(x, W, b, *, mesh, layout):
+    """``x W^T + b``: ``[N_pad, B]`` row-sharded."""
+    return sharding.row_map(lambda xc, W, b: xc @ W.T + b, mesh, layout, (x,), (W, b))
+
+
+def _label_sums(xc, vc, lc, cls):
+    """Per-class feature sums and counts ``[B, D]``, ``[B]`` plus the totals (gradient at 0)."""
+    pos = jnp.argmax(jnp.concatenate([lc[:, None] == cls[None, :], jnp.ones_like(lc[:, None], bool)], 1), 1)
+    xv = xc * vc[:, None]
+    sums = jax.ops.segment_sum(xv, pos, num_segments=cls.shape[0] + 1)
+    cnt = jax.ops.segment_sum(vc, pos, num_segments=cls.shape[0] + 1)
+    return sums[:-1], cnt[:-1], jnp.sum(xv, axis=0), jnp.sum(vc)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "layout"))
+def _grad_zero_norm(x, valid, labels, classes, scale, *, mesh, layout):
+    """``||grad f_k(0, 0)||`` per class: at 0 every row is active, ``grad = -2 C sum_i y_ik x~_i``."""
+    s, c, st, ct = sharding.row_reduce(_label_sums, mesh, layout, (x, valid, labels), (classes,))
+    gw = -2.0 * scale * (2.0 * s - st[None, :])
+    gb = -2.0 * scale * (2.0 * c - ct)
+    return jnp.sqrt(jnp.sum(gw * gw, axis=1) + gb * gb)
+
+
+def _affine_chunk(sc, vc, lc, cls, alpha, beta):
+    """Value, gradient and Hessian sums of ``C sum (1 - y (alpha s + beta))_+^2`` in (alpha, beta)."""
+    y = _signs(lc, cls)
+    r = (1.0 - y * (alpha[None, :] * sc + beta[None, :])) * vc[:, None]
+    a = (r > 0).astype(jnp.float32)
+    ar = a * r
+    return (jnp.sum(ar * r, 0), jnp.sum(ar * y * sc, 0), jnp.sum(ar * y, 0),
+            jnp.sum(a * sc * sc, 0), jnp.sum(a * sc, 0), jnp.sum(a, 0))
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "layout", "iters"))
+def _best_affine(S, valid, labels, cls, wsq, scale, *, mesh, layout, iters=30):
+    """Per column of ``S``, minimise ``phi(a, c) = C sum (1 - y (a s + c))_+^2 + a^2 |w0|^2 / 2``.
+
+    Damped 2-D Newton (halving until the value does not increase), starting at
+    ``(1, 0)``: the result is never worse than the start.
+    """
+    rows = (S, valid, labels)
+
+    def stats(alpha, beta):
+        return sharding.row_reduce(_affine_chunk, mesh, layout, rows, (cls, alpha, beta))
+
+    def value(alpha, beta, h):
+        return scale * h + 0.5 * alpha * alpha * wsq
+
+    def body(_, carry):
+        alpha, beta = carry
+        h, rs, r1, s2, s1, n1 = stats(alpha, beta)
+        f0 = value(alpha, beta, h)
+        ga = alpha * wsq - 2.0 * scale * rs
+        gb = -2.0 * scale * r1
+        haa = wsq + 2.0 * scale * s2
+        hab = 2.0 * scale * s1
+        hbb = 2.0 * scale * n1 + 1e-6
+        det = haa * hbb - hab * hab
+        ok = det > 1e-12 * haa * hbb
+        # Singular (e.g. w0 = 0, or no active row): move alpha and beta separately.
+        da = jnp.where(ok, -(hbb * ga - hab * gb) / jnp.where(ok, det, 1.0), -ga / jnp.maximum(haa, 1e-12))
+        db = jnp.where(ok, -(haa * gb - hab * ga) / jnp.where(ok, det, 1.0), -gb / hbb)
+        da = jnp.where(jnp.isfinite(da), da, 0.0)
+        db = jnp.where(jnp.isfinite(db), db, 0.0)
+
+        # Per class, try t = 1, 1/2, 1/4, ... until the value does not increase.
+        t = jnp.ones_like(alpha)
+        good = jnp.zeros_like(alpha, bool)
+        best = jnp.zeros_like(alpha)
+
+        def cond2(c):
+            t, good, _ = c
+            return jnp.any(~good & (t > 1e-3))
+
+        def body2(c):
+            t, good, best = c
+            h1 = stats(alpha + t * da, beta + t * db)[0]
+            ok1 = (value(alpha + t * da, beta + t * db, h1) <= f0) & ~good
+            best = jnp.where(ok1, t, best)
+            good = good | ok1
+            return jnp.where(good, t, 0.5 * t), good, best
+
+        _, _, best = jax.lax.while_loop(cond2, body2, (t, good, best))
+        return alpha + best * da, beta + best * db
+
+    return jax.lax.fori_loop(0, iters, body, (jnp.ones_like(wsq), jnp.zeros_like(wsq)))
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "layout"))
+def _score_col(x, v, *, mesh, layout):
+    """Scores ``x w + b`` of one classifier ``v = [w, b]`` on all rows: ``[N_pad]``."""
+    return sharding.row_map(lambda xc, v: xc @ v[:-1] + v[-1], mesh, layout, (x,), (v,))
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "layout", "m"))
+def _top_classes(x, W, b, m, *, mesh, layout):
+    """The ``m`` best-scoring classes of every row under ``(W, b)``: ``[N_pad, m] int32``."""
+    return sharding.row_map(lambda xc, W, b: jax.lax.top_k(xc @ W.T + b, m)[1], mesh, layout, (x,), (W, b))
+
+
+def _select_rows(ys, cand, limit):
+    """Indices of at most ``limit`` candidate rows, smallest margin ``y s`` first (stable: ties by row)."""
+    idx = np.flatnonzero(cand)
+    if idx.size > limit:
+        idx = np.sort(idx[np.argsort(ys[idx], kind="stable")[:limit]])
+    return idx
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _gather_rows(x, labels, idx, cls, *, mesh):
+    """Rows ``idx`` (``-1`` = padding) as a reduced problem: ``X [cap, D]``, ``y [cap]`` (0 on padding)."""
+    del mesh
+    ok = idx >= 0
+    j = jnp.maximum(idx, 0)
+    X = jnp.where(ok[:, None], x[j], 0.0)
+    y = jnp.where(ok, jnp.where(labels[j] == cls, 1.0, -1.0), 0.0)
+    return X, y
+
+
+# -- the reduced problem (one class, one device) -------------------------------------
+
+
+def _bucket(n: int, lo: int = 256) -> int:
+    """Static capacity for ``n`` rows: the next power of two at or above ``max(n, lo)``."""
+    cap = lo
+    while cap < n:
+        cap *= 2
+    return cap
+
+
+def _aug(X):
+    return jnp.concatenate([X, jnp.ones((X.shape[0], 1), X.dtype)], axis=1)
+
+
+def _reg(d1):
+    return jnp.ones((d1,), jnp.float32).at[-1].set(0.0)
+
+
+def _value_grad(X, y, v, scale):
+    """f, grad f and the residuals ``r = (1 - y s) [y != 0]`` of the reduced problem."""
+    s = X @ v[:-1] + v[-1]
+    r = jnp.where(y != 0, 1.0 - y * s, 0.0)
+    ar = jnp.maximum(r, 0.0)
+    w = v[:-1]
+    f = scale * jnp.sum(ar * ar) + 0.5 * jnp.sum(w * w)
+    gr = -2.0 * scale * ar * y
+    g = jnp.concatenate([X.T @ gr + w, jnp.sum(gr)[None]])
+    return f, g, r
+
+
+@jax.jit
+def _r_eval(X, y, v, scale):
+    _, g, r = _value_grad(X, y, v, scale)
+    return g, r, r > 0, jnp.sqrt(jnp.sum(g * g))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _hess_add(H, X, rows, wts, scale):
+    """``H + 2 C sum_j wts_j x~_j x~_j^T`` over the gathered rows ``rows`` (``wts`` 0 on padding)."""
+    Xa = _aug(X[rows])
+    return H + (2.0 * scale) * ((Xa * wts[:, None]).T @ Xa)
+
+
+@jax.jit
+def _hess_base(X):
+    """``R`` plus a tiny ridge on the bias (keeps H definite with no active row; changes the path only)."""
+    return jnp.diag(_reg(X.shape[1] + 1)).at[-1, -1].set(1e-6)
+
+
+@jax.jit
+def _factor(H):
+    """Cholesky factor of H; a diagonal fallback if float32 rounding broke it."""
+    L = jnp.linalg.cholesky(H)
+    good = jnp.all(jnp.isfinite(L))
+    return jnp.where(good, L, jnp.diag(jnp.sqrt(jnp.maximum(jnp.diagonal(H), 1e-6))))
+
+
+def _ls_deriv(alpha, r0, t, wd, dd, scale):
+    """``phi'(alpha)`` and ``phi''(alpha)`` of ``phi(alpha) = f(v + alpha d)`` (piecewise linear phi')."""
+    r = r0 - alpha * t
+    act = r > 0
+    return (wd + alpha * dd - 2.0 * scale * jnp.sum(jnp.where(act, r * t, 0.0)),
+            dd + 2.0 * scale * jnp.sum(jnp.where(act, t * t, 0.0)))
+
+
+def _line_search(X, y, v, d, r0, scale, max_steps=60):
+    """Exact minimiser over ``alpha >= 0`` of ``f(v + alpha d)`` (safeguarded Newton on phi')."""
+    t = y * (X @ d[:-1] + d[-1])
+    wd = jnp.sum(v[:-1] * d[:-1])
+    dd = jnp.sum(d[:-1] * d[:-1])
+    g0, _ = _ls_deriv(0.0, r0, t, wd, dd, scale)
+    descent = g0 < 0
+    thresh = 1e-7 * jnp.abs(g0)
+
+    def cond(c):
+        it, _, _, _, done = c
+        return (it < max_steps) & ~done
+
+    def body(c):
+        it, alpha, lo, hi, _ = c
+        g, h = _ls_deriv(alpha, r0, t, wd, dd, scale)
+        lo = jnp.where(g < 0, alpha, lo)
+        hi = jnp.where(g >= 0, alpha, hi)
+        newton = alpha - g / jnp.maximum(h, 1e-30)
+        mid = jnp.where(jnp.isfinite(hi), 0.5 * (lo + hi), 2.0 * alpha)
+        nxt = jnp.where((newton > lo) & ((newton < hi) | ~jnp.isfinite(hi)), newton, mid)
+        done = jnp.abs(g) <= thresh
+        return it + 1, jnp.where(done, alpha, nxt), lo, hi, done
+
+    _, alpha, _, _, _ = jax.lax.while_loop(
+        cond, body, (jnp.int32(0), jnp.float32(1.0), jnp.float32(0.0), jnp.float32(jnp.inf), ~descent))
+    return jnp.where(descent, alpha, 0.0), descent
+
+
+@jax.jit
+def _newton_step(X, y, v, g, r, L, scale):
+    """Newton direction from the factor L, exact line search, new point and its statistics."""
+    d = -jax.scipy.linalg.cho_solve((L, True), g)
+    d = jnp.where(jnp.all(jnp.isfinite(d)), d, -g)
+    alpha, descent = _line_search(X, y, v, d, r, scale)
+    v1 = v + alpha * d
+    f1, g1, r1 = _value_grad(X, y, v1, scale)
+    dw = jnp.max(jnp.abs(alpha * d[:-1]))
+    return v1, g1, r1, r1 > 0, jnp.sqrt(jnp.sum(g1 * g1)), dw, descent & (alpha > 0)
 
 
 def _minimize(fun, init, *, stop_fn, max_iter, history_size=10):
@@ -237,15 +465,15 @@ def _minimize(fun, init, *, stop_fn, max_iter, history_size=10):
         init: initial parameters (pytree).
         stop_fn: ``stop_fn(old_params, new_params, aux) -> bool`` convergence test,
             only consulted from the second iteration on (the first L-BFGS step is
-            a short gradient step and says nothing about convergence).
-        max_iter: iteration cap.
+            a scaled gradient step and says nothing about convergence).
+        max_iter: iteration cap (may be a traced integer).
         history_size: L-BFGS memory.
 
     Returns:
         ``(params, value, aux, n_iter, stop_code)`` with ``stop_code`` an index
         into :data:`STOP_REASONS`.
     """
-    solver = jaxopt.LBFGS(fun=fun, value_and_grad=True, has_aux=True, maxiter=max_iter,
+    solver = jaxopt.LBFGS(fun=fun, value_and_grad=True, has_aux=True, maxiter=1,
                           tol=0.0, history_size=history_size)
     state0 = solver.init_state(init)
 
@@ -258,7 +486,7 @@ def _minimize(fun, init, *, stop_fn, max_iter, history_size=10):
         new_params, new_state = solver.update(params, state)
         # Never accept a step that increased the objective (failed line search).
         worse = ~(new_state.value <= state.value)
-        keep = lambda new, old: jax.tree.map(lambda a, o: jnp.where(worse, o, a), new, old)
+        keep = lambda new, old: jax.tree.map(lambda a, o: jnp.where(worse, o, a), new, old)  # noqa: E731
         new_params = keep(new_params, params)
         new_state = new_state._replace(
             value=keep(new_state.value, state.value),
@@ -279,63 +507,100 @@ def _minimize(fun, init, *, stop_fn, max_iter, history_size=10):
     return params, state.value, state.aux, it, jnp.where(code < 0, _MAX_ITER, code)
 
 
-def _class_partials(xc, vc, lc, W, b, cls):
-    """Squared-hinge sums ``[B]`` and their gradients ``[B, D]``, ``[B]`` over one chunk."""
-    s = xc @ W.T + b  # [n, B]
-    y = jnp.where(lc[:, None] == cls[None, :], 1.0, -1.0)
-    m = jnp.maximum(0.0, 1.0 - y * s) * vc[:, None]
-    gs = -2.0 * y * m  # d(m^2)/ds
-    return jnp.sum(m * m, axis=0), gs.T @ xc, jnp.sum(gs, axis=0)
+@functools.partial(jax.jit, static_argnames=("history_size",))
+def _lbfgs_cycle(X, y, v0, L, scale, tol, grad_tol, max_iter, *, history_size):
+    """L-BFGS on the reduced f in the variables ``u = L^T v``."""
+    solve_t = functools.partial(jax.scipy.linalg.solve_triangular, L, lower=True)
+
+    def to_v(u):
+        return solve_t(u, trans="T")  # L^-T u
+
+    def fun(u):
+        f, g, _ = _value_grad(X, y, to_v(u), scale)
+        return (f, jnp.sqrt(jnp.sum(g * g))), solve_t(g)  # grad in u: L^-1 g
+
+    def stop_fn(old, new, gnorm):
+        dw = jnp.max(jnp.abs(to_v(new)[:-1] - to_v(old)[:-1]))
+        return (dw < tol) & (gnorm <= grad_tol)
+
+    u, _, _, it, code = _minimize(fun, L.T @ v0, stop_fn=stop_fn, max_iter=max_iter, history_size=history_size)
+    v = to_v(u)
+    _, g, r = _value_grad(X, y, v, scale)
+    return v, r > 0, jnp.sqrt(jnp.sum(g * g)), it, code
 
 
-def _class_sizes(xc, vc, lc, cls):
-    return jnp.sum((lc[:, None] == cls[None, :]) & (vc[:, None] > 0), axis=0, dtype=jnp.int32)
+class _Hessian:
+    """Generalised Hessian ``R + 2 C X~_A^T X~_A`` of the reduced problem, kept up to date by row flips."""
+
+    def __init__(self, X, scale):
+        self.X, self.scale = X, scale
+        self.H = None
+        self.active = None
+        self.builds = 0
+
+    def at(self, active_dev):
+        """The Hessian for the active mask ``active_dev`` (device bool ``[cap]``)."""
+        active = np.asarray(active_dev)
+        if self.H is None:
+            flip_on, flip_off = np.flatnonzero(active), np.zeros(0, np.int64)
+        else:
+            flip_on = np.flatnonzero(active & ~self.active)
+            flip_off = np.flatnonzero(~active & self.active)
+        n_flip = flip_on.size + flip_off.size
+        if self.H is None or n_flip >= int(active.sum()):
+            self.H = _hess_base(self.X)
+            flip_on, flip_off = np.flatnonzero(active), np.zeros(0, np.int64)
+            self.builds += 1
+        if flip_on.size + flip_off.size:
+            rows = np.concatenate([flip_on, flip_off])
+            cap = _bucket(rows.size, lo=64)
+            idx = np.zeros(cap, np.int32)
+            idx[: rows.size] = rows
+            wts = np.zeros(cap, np.float32)
+            wts[: flip_on.size] = 1.0
+            wts[flip_on.size: rows.size] = -1.0
+            dev = self.X.devices()
+            put = lambda a: jax.device_put(a, next(iter(dev)))  # noqa: E731
+            self.H = _hess_add(self.H, self.X, put(idx), put(wts), self.scale)
+        self.active = active
+        return self.H
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "layout", "max_iter", "history_size"))
-def _solve_classes(x, valid, labels, W0, b0, classes, pre, lam, tol, grad_rtol, *, mesh, layout,
-                   max_iter, history_size):
-    rows = (x, valid, labels)
-    n = _n_valid(valid, mesh, layout).astype(jnp.float32)
-    scale = lam / n
-    sizes = sharding.row_reduce(_class_sizes, mesh, layout, rows, (classes,)).astype(jnp.float32)
-    frac = jnp.clip(2.0 * sizes / n, 1e-3, 1.0)  # [B] estimated active fraction
-    s = jax.lax.rsqrt(1.0 + 2.0 * lam * frac[:, None] * pre.eigvals[None, :])  # [B, D]
-    cs = jax.lax.rsqrt(2.0 * lam * frac)  # [B]
+def _solve_reduced(solver, X, y, v, scale, tol, grad_tol, budget, *, history_size, refresh_every):
+    """Solve one reduced problem from ``v``. Returns ``(v, iters, code, grad_norm, hessian_builds)``."""
+    hess = _Hessian(X, scale)
+    g, r, active, gnorm = _r_eval(X, y, v, scale)
+    it, code = 0, _MAX_ITER
+    if solver == "newton":
+        while it < budget:
+            L = _factor(hess.at(active))
+            v, g, r, active, gnorm, dw, moved = _newton_step(X, y, v, g, r, L, scale)
+            it += 1
+            dw, gn, moved = (float(dw), float(gnorm), bool(moved))
+            if not moved:
+                code = _LS_FAILED
+                break
+            if dw < float(tol) and gn <= float(grad_tol):
+                code = _WEIGHT_CHANGE
+                break
+    else:
+        while it < budget:
+            L = _factor(hess.at(active))
+            cap = min(int(refresh_every), budget - it)
+            v, active, gnorm, n, c = _lbfgs_cycle(X, y, v, L, scale, tol, grad_tol, jnp.int32(cap),
+                                                  history_size=int(history_size))
+            it += int(n)
+            code = int(c)
+            if code == _WEIGHT_CHANGE:
+                break
+            if code == _LS_FAILED:
+                if float(gnorm) <= float(grad_tol) or int(n) <= 1:
+                    break
+                code = _MAX_ITER  # a restart with a fresh factor may still make progress
+    return v, it, code, float(gnorm), hess.builds
 
-    def to_wb(params):
-        v, c = params
-        W = (s * v) @ pre.basis.T  # BD,DD -> BD
-        return W, cs * c - W @ pre.mean
 
-    def grads(W, b):
-        h, gw, gb = sharding.row_reduce(_class_partials, mesh, layout, rows, (W, b, classes))
-        return scale * h, scale * gw + W, scale * gb
-
-    def fun(params):
-        W, b = to_wb(params)
-        h, gW, gb = grads(W, b)
-        value = jnp.sum(h) + 0.5 * jnp.sum(W * W)
-        gW_total = gW - gb[:, None] * pre.mean[None, :]  # b depends on W through -W.mu
-        gv = s * (gW_total @ pre.basis)
-        gc = cs * gb
-        gnorm = jnp.sqrt(jnp.sum(gW * gW, axis=1) + gb * gb)  # per class, in (w, b)
-        return (value, (gnorm, h + 0.5 * jnp.sum(W * W, axis=1))), (gv, gc)
-
-    _, g0w, g0b = grads(jnp.zeros_like(W0), jnp.zeros_like(b0))
-    grad_tol = grad_rtol * jnp.sqrt(jnp.sum(g0w * g0w, axis=1) + g0b * g0b)  # [B]
-
-    def stop_fn(old, new, aux):
-        dw = jnp.max(jnp.abs(to_wb(new)[0] - to_wb(old)[0]))
-        return (dw < tol) & jnp.all(aux[0] <= grad_tol)
-
-    init = ((W0 @ pre.basis) / s, (b0 + W0 @ pre.mean) / cs)
-    params, _, (gnorm, f), it, code = _minimize(
-        fun, init, stop_fn=stop_fn, max_iter=max_iter, history_size=history_size
-    )
-    W, b = to_wb(params)
-    converged = (code == _WEIGHT_CHANGE) | ((code == _LS_FAILED) & jnp.all(gnorm <= grad_tol))
-    return W, b, f, it, code, gnorm, gnorm <= grad_tol, converged
+# -- driver --------------------------------------------------------------------------
 
 
 def train_ovr_svm(
@@ -354,21 +619,24 @@ def train_ovr_svm(
     solver: str = "lbfgs",
     grad_rtol: float = 1e-3,
     history_size: int = 10,
+    refresh_every: int = 50,
+    ws_margin: float = 0.5,
+    rescale_start: bool = True,
     precond: Optional[SVMPreconditioner] = None,
     compute_objective: bool = True,
+    max_rounds: int = 50,
+    min_rows: int = 2048,
+    ws_rank: int = 3,
 ) -> SVMResult:
-    """Train the one-vs-rest SVMs of Eq. 3 by L-BFGS, warm-started at (W0, b0).
+    """Train the one-vs-rest SVMs of Eq. 3, warm-started at (W0, b0).
 
     Every class is an independent binary problem ``f_k`` (module docstring);
     only the rows listed in ``classes`` are optimised, the others are returned
-    unchanged. The requested classes are solved together as one problem
-    ``sum_k f_k`` (its minimiser is the per-class minimisers; one matmul per
-    evaluation serves all of them), in the preconditioned variables of
-    :class:`SVMPreconditioner`.
+    unchanged.
 
-    Stopping: L-inf change of the requested rows of W below ``tol`` between two
-    iterations (paper), from the second iteration on, and every requested
-    class's gradient norm at most ``grad_rtol`` times its norm at ``(0, 0)``.
+    Stopping, per class: L-inf change of ``w_k`` below ``tol`` between two
+    iterations (paper) and gradient norm at most ``grad_rtol`` times its norm at
+    ``(0, 0)``, at a point where no row outside the working set is active.
 
     Args:
         x: ``[N_pad, D]`` row-sharded features; valid: ``[N_pad] float32`` mask.
@@ -377,20 +645,28 @@ def train_ovr_svm(
         mesh, layout: from :mod:`gansem.sharding`.
         lam: lambda_1 of Eq. 3 (5000 in the paper).
         tol: paper's stopping rule, L-inf change of W between iterations.
-        max_iter: L-BFGS iteration cap (hitting it = not converged).
+        max_iter: iteration cap per class (L-BFGS or Newton iterations over all
+            working-set rounds); hitting it = not converged.
         classes: class indices to (re)train; ``None`` trains all K.
-        solver: only ``"lbfgs"``.
+        solver: ``"lbfgs"`` (jaxopt L-BFGS, Hessian-preconditioned) or ``"newton"``.
         grad_rtol: guard of the stopping rule (relative gradient norm).
         history_size: L-BFGS memory.
-        precond: from :func:`svm_preconditioner` (computed here if ``None``;
-            pass it when calling repeatedly on the same x).
+        refresh_every: L-BFGS iterations between refreshes of the Hessian factor.
+        ws_margin: working sets hold the rows with ``y s < 1 + ws_margin`` (speed
+            only: the result is the full problem's solution whatever its value).
+        rescale_start: first move each start to its best ``(alpha w0, alpha b0 + beta)``
+            (speed only).
+        precond: from :func:`svm_preconditioner` (computed here if ``None``).
         compute_objective: also evaluate Eq. 3 at the result (one pass over x).
+        max_rounds: working-set rounds per class before giving up (not converged).
+        min_rows: smallest working-set growth (speed only). A working set starts
+            with at most ``max(min_rows, 2 n_k)`` rows and at most doubles per round.
 
     Returns:
         :class:`SVMResult`.
     """
-    if solver != "lbfgs":
-        raise ValueError(f"solver must be 'lbfgs', got {solver!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     W0 = jnp.asarray(W0, jnp.float32)
     b0 = jnp.asarray(b0, jnp.float32)
     k, dim = W0.shape
@@ -400,6 +676,12 @@ def train_ovr_svm(
         raise ValueError(f"b0 must be [{k}], got {b0.shape}")
     if labels.shape != valid.shape or x.shape[0] != valid.shape[0]:
         raise ValueError(f"x {x.shape}, valid {valid.shape} and labels {labels.shape} need the same rows")
+    if ws_margin < 0:
+        raise ValueError(f"ws_margin must be >= 0, got {ws_margin}")
+    if max_iter < 1 or refresh_every < 1:
+        raise ValueError(f"max_iter and refresh_every must be >= 1, got {max_iter}, {refresh_every}")
+    if not (np.isfinite(np.asarray(W0)).all() and np.isfinite(np.asarray(b0)).all()):
+        raise ValueError("W0/b0 contain NaN or inf; start from finite weights (e.g. zeros)")
     cls = np.arange(k) if classes is None else np.asarray(classes, dtype=np.int64).reshape(-1)
     if cls.size and (cls.min() < 0 or cls.max() >= k or np.unique(cls).size != cls.size):
         raise ValueError(f"classes must be distinct indices in [0, {k}), got {cls.tolist()}")
@@ -408,39 +690,101 @@ def train_ovr_svm(
     conv = np.ones(k, bool)
     gnorms = np.zeros(k, np.float32)
     stop = np.full(k, _NOT_SOLVED, np.int32)
-    W, b = W0, b0
-    n_iter, converged, reason = 0, True, STOP_REASONS[_NOT_SOLVED]
+    wrows = np.zeros(k, np.int32)
+    W = np.array(W0)
+    b = np.array(b0)
+    builds = 0
     if cls.size:
         if precond is None:
             precond = svm_preconditioner(x, valid, mesh=mesh, layout=layout)
+        rep = sharding.replicated(mesh)
+        n_valid = float(precond.n_valid)
+        scale = np.float32(lam) / np.float32(n_valid)
         idx = jnp.asarray(cls, jnp.int32)
-        Ws, bs, _, it, code, gn, cls_ok, ok = _solve_classes(
-            x, valid, labels, W0[idx], b0[idx], idx, precond,
-            jnp.float32(lam), jnp.float32(tol), jnp.float32(grad_rtol),
-            mesh=mesh, layout=layout, max_iter=int(max_iter), history_size=int(history_size),
-        )
-        W = W0.at[idx].set(Ws)
-        b = b0.at[idx].set(bs)
-        n_iter, converged, reason = int(it), bool(ok), STOP_REASONS[int(code)]
-        iters[cls] = n_iter
-        conv[cls] = np.asarray(cls_ok) & converged
-        gnorms[cls] = np.asarray(gn)
-        stop[cls] = int(code)
+        Wc, bc = W0[idx], b0[idx]
+        near = None
+        if ws_rank > 0 and k > 1:
+            near = np.asarray(_top_classes(x, W0, b0, min(int(ws_rank), k), mesh=mesh, layout=layout))
+        S = _scores(x, Wc, bc, mesh=mesh, layout=layout)
+        if rescale_start:
+            wsq = jnp.sum(Wc * Wc, axis=1)
+            al, be = _best_affine(S, valid, labels, idx, wsq, jnp.float32(scale), mesh=mesh, layout=layout)
+            Wc, bc = al[:, None] * Wc, al * bc + be
+            S = _scores(x, Wc, bc, mesh=mesh, layout=layout)
+        grad_tol = np.asarray(jnp.float32(grad_rtol) * _grad_zero_norm(
+            x, valid, labels, idx, jnp.float32(scale), mesh=mesh, layout=layout))
+        Wc, bc = np.asarray(Wc), np.asarray(bc)
+        valid_h = np.asarray(valid) > 0
+        labels_h = np.asarray(labels)
+        dev0 = mesh.devices.flat[0]
+        on0 = lambda a: jax.device_put(a, dev0)  # noqa: E731
+        scale0, tol0 = on0(np.float32(scale)), on0(np.float32(tol))
+        kw = dict(history_size=history_size, refresh_every=refresh_every)
+        for j, c in enumerate(cls):
+            pos = labels_h == c
+            ys = np.where(pos, 1.0, -1.0) * np.asarray(S[:, j])
+            # First working set: the rows within the margin, at most max(min_rows, 2 n_k) of them
+            # (smallest margins first); it grows by the rows found active outside it.
+            member = np.zeros(valid_h.shape, bool)
+            member[_select_rows(ys, valid_h & (ys < 1.0 + ws_margin), _WS_LIMIT0)] = True
+            if near is not None:
+                member |= valid_h & (near == c).any(axis=1)
+            v = np.concatenate([Wc[j], bc[j:j + 1]]).astype(np.float32)
+            used, code, gn, ok = 0, _MAX_ITER, np.inf, False
+            c_rep = jax.device_put(jnp.int32(c), rep)
+            for _ in range(max_rounds):
+                rows = np.flatnonzero(member)
+                cap = _bucket(rows.size)
+                ridx = np.full(cap, -1, np.int32)
+                ridx[: rows.size] = rows
+                Xr, yr = (on0(a) for a in _gather_rows(x, labels, jax.device_put(ridx, rep), c_rep, mesh=mesh))
+                v_dev, n, code, gn, nb = _solve_reduced(solver, Xr, yr, on0(v), scale0, tol0,
+                                                        on0(np.float32(grad_tol[j])), int(max_iter) - used, **kw)
+                used += n
+                builds += nb
+                if _DEBUG:
+                    print(f"[svm] class {c} round rows={rows.size} cap={cap} iters={n} code={code} gn={gn:.2e}",
+                          flush=True)
+                v = np.asarray(v_dev)
+                wrows[c] = rows.size
+                ys = np.where(pos, 1.0, -1.0) * np.asarray(_score_col(x, jax.device_put(v, rep), mesh=mesh,
+                                                                       layout=layout))
+                out = valid_h & ~member
+                if not (out & (ys < 1.0)).any():  # no violation: the full problem's solution
+                    ok = code == _WEIGHT_CHANGE or (code == _LS_FAILED and gn <= grad_tol[j])
+                    break
+                if used >= max_iter:
+                    code = _MAX_ITER
+                    break
+                member[_select_rows(ys, out & (ys < 1.0 + ws_margin), max(min_rows, rows.size))] = True
+            W[c], b[c] = v[:-1], v[-1]
+            iters[c], conv[c], gnorms[c], stop[c] = used, ok, gn, code
+    W = jnp.asarray(W)
+    b = jnp.asarray(b)
     objective = (
         ovr_svm_objective(W, b, x, valid, labels, lam=lam, mesh=mesh, layout=layout)
         if compute_objective
         else jnp.float32(jnp.nan)
     )
+    solved = conv[cls] if cls.size else np.ones(0, bool)
+    if not cls.size:
+        reason = STOP_REASONS[_NOT_SOLVED]
+    elif not solved.all():
+        reason = STOP_REASONS[int(stop[cls[int(np.argmin(solved))]])]
+    else:
+        reason = STOP_REASONS[int(stop[cls[int(np.argmax(iters[cls]))]])]
     return SVMResult(
         W=W,
         b=b,
         objective=objective,
-        n_iter=jnp.int32(n_iter),
-        converged=jnp.bool_(converged),
+        n_iter=jnp.int32(iters.max(initial=0)),
+        converged=jnp.bool_(bool(solved.all())),
         grad_norm=jnp.float32(gnorms.max(initial=0.0)),
         stop_reason=reason,
         class_iters=jnp.asarray(iters),
         class_converged=jnp.asarray(conv),
         class_grad_norm=jnp.asarray(gnorms),
         class_stop=jnp.asarray(stop),
+        hessian_evals=int(builds),
+        working_rows=jnp.asarray(wrows),
     )
