@@ -28,6 +28,7 @@ import numpy as np
 __all__ = [
     "DATA_AXIS",
     "simulate_cpu_devices",
+    "setup_devices_from_cli",
     "make_mesh",
     "row_sharding",
     "replicated",
@@ -78,6 +79,22 @@ def simulate_cpu_devices(n: int) -> None:
                 f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} before importing jax "
                 "(launch scripts do this for you when --devices is given first thing)."
             )
+
+
+def setup_devices_from_cli(devices: Optional[int]) -> Optional[str]:
+    """For launch scripts, first thing after parsing: simulate ``devices`` CPU devices if asked.
+
+    Returns:
+        ``None`` on success, or an error message for the user (the script then
+        prints it and exits with status 2).
+    """
+    if devices is None:
+        return None
+    try:
+        simulate_cpu_devices(devices)
+    except DeviceError as e:
+        return str(e)
+    return None
 
 
 def make_mesh(num_devices: Optional[int] = None):
@@ -255,7 +272,7 @@ def row_reduce(fn, mesh, layout: RowLayout, row_args, bcast_args=()):
 
     def local(rows, bcast):
         chunks = jax.tree.map(lambda a: a.reshape((n_local, layout.chunk_rows) + a.shape[1:]), rows)
-        partials = jax.lax.map(lambda r: fn(*r, *bcast), chunks)
+        partials = jax.lax.map(lambda r: _isolated(fn, r, bcast), chunks)
         gathered = jax.tree.map(lambda p: jax.lax.all_gather(p, DATA_AXIS, tiled=True), partials)
         return jax.tree.map(lambda p: _ordered_sum(p), gathered)
 
@@ -266,6 +283,19 @@ def row_reduce(fn, mesh, layout: RowLayout, row_args, bcast_args=()):
         out_specs=P(),
         check_vma=False,
     )(row_args, bcast_args)
+
+
+def _isolated(fn, rows, bcast):
+    """``fn(*rows, *bcast)`` behind optimisation barriers.
+
+    With one chunk per device XLA removes the chunk loop and may fuse ``fn`` with
+    the surrounding code, which changes the order of floating-point sums inside
+    ``fn``; the barriers keep the per-chunk program the same for every device count.
+    """
+    import jax
+
+    rows, bcast = jax.lax.optimization_barrier((rows, bcast))
+    return jax.lax.optimization_barrier(fn(*rows, *bcast))
 
 
 def _ordered_sum(p):
@@ -296,7 +326,7 @@ def row_map(fn, mesh, layout: RowLayout, row_args, bcast_args=()):
 
     def local(rows, bcast):
         chunks = jax.tree.map(lambda a: a.reshape((n_local, layout.chunk_rows) + a.shape[1:]), rows)
-        out = jax.lax.map(lambda r: fn(*r, *bcast), chunks)
+        out = jax.lax.map(lambda r: _isolated(fn, r, bcast), chunks)
         return jax.tree.map(lambda o: o.reshape((n_local * layout.chunk_rows,) + o.shape[2:]), out)
 
     return jax.shard_map(

@@ -90,12 +90,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from gansem import sharding
 
-    if args.devices is not None:
-        try:
-            sharding.simulate_cpu_devices(args.devices)  # before JAX starts
-        except sharding.DeviceError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+    err = sharding.setup_devices_from_cli(args.devices)  # before JAX starts
+    if err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from gansem.generators import GeneratorError
     from gansem.pipeline import ConfigError, KlishJobConfig, run_klish_job
 

@@ -60,6 +60,9 @@ Devices. Passes over all rows go through :func:`gansem.sharding.row_reduce` /
 same program whatever the mesh. Every decision taken on the host comes from
 such values, so results are bit-identical on 1 and 8 devices.
 
+Set ``GANSEM_SVM_DEBUG=1`` to print one line per working-set round (rows,
+iterations, stop code, gradient norm, time).
+
 Relation to scikit-learn: ``f_k`` is LIBLINEAR's L2-regularised L2-loss primal
 ``1/2 |w|^2 + C sum_i max(0, 1 - y_i w.x_i)^2`` with ``C = lambda_1 / N``, except
 that LIBLINEAR regularises the intercept (it appends a constant feature
@@ -72,6 +75,7 @@ intercept_scaling=s)`` solves the same per-class problems.
 from __future__ import annotations
 
 import functools
+import time
 from typing import NamedTuple, Optional, Sequence
 
 import jax
@@ -96,7 +100,6 @@ __all__ = [
 #: Stop-reason codes used in :attr:`SVMResult.class_stop`.
 STOP_REASONS = ("max_iter", "weight_change", "line_search_failed", "not_solved")
 _MAX_ITER, _WEIGHT_CHANGE, _LS_FAILED, _NOT_SOLVED = range(4)
-_WS_LIMIT0 = int(__import__('os').environ.get('GANSEM_WS0', '1024'))
 _DEBUG = bool(__import__("os").environ.get("GANSEM_SVM_DEBUG"))
 
 #: Solvers accepted by :func:`train_ovr_svm`.
@@ -660,7 +663,11 @@ def train_ovr_svm(
         compute_objective: also evaluate Eq. 3 at the result (one pass over x).
         max_rounds: working-set rounds per class before giving up (not converged).
         min_rows: smallest working-set growth (speed only). A working set starts
-            with at most ``max(min_rows, 2 n_k)`` rows and at most doubles per round.
+            with the rows within the margin, at most ``max(min_rows / 2, 2 n_k)`` of
+            them (smallest margins first), plus (``ws_rank``) the rows that rank the
+            class among their ``ws_rank`` best under (W0, b0); it grows by at most
+            ``max(min_rows, |working set|)`` rows per round.
+        ws_rank: see ``min_rows`` (0: off).
 
     Returns:
         :class:`SVMResult`.
@@ -726,7 +733,7 @@ def train_ovr_svm(
             # First working set: the rows within the margin, at most max(min_rows, 2 n_k) of them
             # (smallest margins first); it grows by the rows found active outside it.
             member = np.zeros(valid_h.shape, bool)
-            member[_select_rows(ys, valid_h & (ys < 1.0 + ws_margin), _WS_LIMIT0)] = True
+            member[_select_rows(ys, valid_h & (ys < 1.0 + ws_margin), max(min_rows // 2, 2 * int(pos.sum())))] = True
             if near is not None:
                 member |= valid_h & (near == c).any(axis=1)
             v = np.concatenate([Wc[j], bc[j:j + 1]]).astype(np.float32)
@@ -738,12 +745,14 @@ def train_ovr_svm(
                 ridx = np.full(cap, -1, np.int32)
                 ridx[: rows.size] = rows
                 Xr, yr = (on0(a) for a in _gather_rows(x, labels, jax.device_put(ridx, rep), c_rep, mesh=mesh))
+                t_dbg = time.perf_counter() if _DEBUG else 0.0
                 v_dev, n, code, gn, nb = _solve_reduced(solver, Xr, yr, on0(v), scale0, tol0,
                                                         on0(np.float32(grad_tol[j])), int(max_iter) - used, **kw)
                 used += n
                 builds += nb
                 if _DEBUG:
-                    print(f"[svm] class {c} round rows={rows.size} cap={cap} iters={n} code={code} gn={gn:.2e}",
+                    print(f"[svm] class {c} round rows={rows.size} cap={cap} iters={n} code={code} gn={gn:.2e} "
+                          f"hess={nb} t={time.perf_counter() - t_dbg:.3f}s",
                           flush=True)
                 v = np.asarray(v_dev)
                 wrows[c] = rows.size
