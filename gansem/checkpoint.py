@@ -77,14 +77,21 @@ class RunCheckpoints:
         """Save the merge record of ``step`` (if any) and the state after it.
 
         The record is written first: a state at step s implies records 1..s exist.
+        A run killed between the two writes leaves a record without its state; the
+        resumed run recomputes that step (deterministically, the same record) and
+        replaces it here.
         """
         ocp = _ocp()
         if record is not None:
+            if step in self._traj.all_steps():
+                self._traj.delete(step)
             arrays, meta = record_to_host(record)
             self._traj.save(step, args=ocp.args.Composite(
                 record=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)), force=True)
         arrays, meta = record_to_host(state)
         meta.update(state_meta or {})
+        if step in self._state.all_steps():
+            self._state.delete(step)
         self._state.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)), force=True)
 
