@@ -142,44 +142,11 @@ def _bucket(k: int) -> int:
     return -(-k // _PAD_ROWS) * _PAD_ROWS
 
 
-def _pad_classifier(W, b):
-    """Pad to a multiple of 16 rows with a classifier that is negative everywhere."""
-    k = W.shape[0]
-    kb = _bucket(k)
-    Wp = jnp.zeros((kb, W.shape[1]), jnp.float32).at[:k].set(W)
-    bp = jnp.full((kb,), -2.0, jnp.float32).at[:k].set(b)
-    return Wp, bp
-
-
-def _stats_chunk(xc, vc, lc, W, b):
-    s = svm_scores(W, b, xc)  # [n, K]
-    ok = (vc > 0)[:, None]
-    gt = (lc[:, None] == jnp.arange(W.shape[0], dtype=lc.dtype)[None, :]) & ok
-    pos = (s > 0) & ok
-    inter = jnp.sum(pos & gt, axis=0, dtype=jnp.int32)
-    pred = jnp.sum(pos, axis=0, dtype=jnp.int32)
-    n_gt = jnp.sum(gt, axis=0, dtype=jnp.int32)
-    d = jnp.clip((s + 1.0) * 0.5, 0.0, 1.0) * vc[:, None]
-    gram = d.T @ d  # KN,NK -> KK
-    y = jnp.where(gt, 1.0, -1.0)
-    m = jnp.maximum(0.0, 1.0 - y * s) * vc[:, None]
-    return inter, pred, n_gt, gram, jnp.sum(m * m, axis=0)
-
-
-@functools.partial(jax.jit, static_argnames=("mesh", "layout"))
-def _stats(W, b, x, valid, labels, *, mesh, layout):
-    inter, pred, n_gt, gram, hinge = sharding.row_reduce(
-        _stats_chunk, mesh, layout, (x, valid, labels), (W, b)
-    )
-    union = pred + n_gt - inter
-    iou = inter.astype(jnp.float32) / jnp.maximum(union, 1).astype(jnp.float32)
-    norm = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 1e-12))
-    ecos = gram / (norm[:, None] * norm[None, :])
-    return iou, ecos, hinge
-
-
 def merge_statistics(W, b, x, valid, labels, *, mesh, layout):
-    """IoU (Eq. 4), ECoS (Eq. 5) and per-class squared-hinge sums in one pass.
+    """IoU (Eq. 4), ECoS (Eq. 5) and per-class squared-hinge sums, from scratch.
+
+    Uses the kernels of the merge loop's incremental statistics (16 classes per
+    score block), so these values are bitwise those the loop computes.
 
     Args:
         W: ``[K, D]``; b: ``[K]``.
@@ -191,9 +158,10 @@ def merge_statistics(W, b, x, valid, labels, *, mesh, layout):
         union has IoU 0; a score map that is 0 everywhere has ECoS 0 with all.
     """
     k = W.shape[0]
-    Wp, bp = _pad_classifier(jnp.asarray(W, jnp.float32), jnp.asarray(b, jnp.float32))
-    iou, ecos, hinge = _stats(Wp, bp, x, valid, labels, mesh=mesh, layout=layout)
-    return iou[:k], ecos[:k, :k], hinge[:k]
+    stats = _refresh(_empty_stats(x.shape[0], _bucket(k), mesh), W, b, np.arange(k), x, valid, labels,
+                     mesh=mesh, layout=layout)
+    iou, ecos = _finish(stats)
+    return iou[:k], ecos[:k, :k], stats.hinge[:k]
 
 
 def cluster_iou(W, b, x, valid, labels, *, mesh, layout):

@@ -236,6 +236,12 @@ def _scores(x, W, b, *, mesh, layout):
     return sharding.row_map(lambda xc, W, b: xc @ W.T + b, mesh, layout, (x,), (W, b))
 
 
+@functools.partial(jax.jit, static_argnames=("mesh", "layout"))
+def _affine_scores(S, alpha, beta, *, mesh, layout):
+    """``alpha S + beta`` per column (the rescaled start's scores without another pass over x)."""
+    return sharding.row_map(lambda sc, a, c: a * sc + c, mesh, layout, (S,), (alpha, beta))
+
+
 def _label_sums(xc, vc, lc, cls):
     """Per-class feature sums and counts ``[B, D]``, ``[B]`` plus the totals (gradient at 0)."""
     pos = jnp.argmax(jnp.concatenate([lc[:, None] == cls[None, :], jnp.ones_like(lc[:, None], bool)], 1), 1)
@@ -717,7 +723,7 @@ def train_ovr_svm(
             wsq = jnp.sum(Wc * Wc, axis=1)
             al, be = _best_affine(S, valid, labels, idx, wsq, jnp.float32(scale), mesh=mesh, layout=layout)
             Wc, bc = al[:, None] * Wc, al * bc + be
-            S = _scores(x, Wc, bc, mesh=mesh, layout=layout)
+            S = _affine_scores(S, al, be, mesh=mesh, layout=layout)  # only seeds working sets
         grad_tol = np.asarray(jnp.float32(grad_rtol) * _grad_zero_norm(
             x, valid, labels, idx, jnp.float32(scale), mesh=mesh, layout=layout))
         Wc, bc = np.asarray(Wc), np.asarray(bc)
