@@ -156,13 +156,17 @@ def test_one_and_eight_devices_bitwise_equal(full_run):
 
 
 @pytest.mark.slow
-def test_retrain_merged_and_all_give_same_merges():
+@pytest.mark.parametrize("retrain,solver", [("all", "lbfgs"), ("all", "joint")])
+def test_merged_class_resolve_gives_the_joint_retraining_trajectory(retrain, solver):
+    # gansem's default (re-solve the merged class only, incremental statistics) against
+    # re-training all K classes after every merge; ("all", "joint") is the original
+    # implementation's procedure: one plain L-BFGS over all classes on all rows.
     x, _ = _blobs(2, n=500, k=4, spread=10.0)
     xs, valid, mesh, layout = _place(x)
     seqs = []
-    for mode in ("merged", "all"):
+    for mode, sol in (("merged", "lbfgs"), (retrain, solver)):
         recs = klish.run_klish(jax.random.key(2), xs, valid, 6, mesh=mesh, layout=layout, retrain=mode,
-                               filter_clusters=False)
+                               solver=sol, filter_clusters=False)
         assert all(r.svm_converged for r in recs)
         seqs.append([(r.p, r.q) for r in recs])
     assert seqs[0] == seqs[1]

@@ -95,6 +95,19 @@ def test_solution_is_optimal_and_beats_liblinear(solved):
     assert np.mean(pred == np.argmax(x @ np.stack(Ws).T + np.array(bs), 1)) > 0.995
 
 
+def test_joint_reference_solver_reaches_the_same_optimum(solved):
+    # The original implementation's procedure (one plain L-BFGS over all classes, all rows).
+    x, y, (xs, valid, ls, mesh, layout), res = solved
+    joint = svm.train_ovr_svm(xs, valid, ls, np.zeros((4, 6)), np.zeros(4), mesh=mesh, layout=layout, lam=LAM,
+                              solver="joint")
+    assert bool(joint.converged) and joint.stop_reason == "weight_change"
+    assert len(set(np.asarray(joint.class_iters).tolist())) == 1  # one solve for all classes
+    np.testing.assert_allclose(_eq3_numpy(np.asarray(joint.W), np.asarray(joint.b), x, y),
+                               _eq3_numpy(np.asarray(res.W), np.asarray(res.b), x, y), rtol=1e-5)
+    pred = np.argmax(x @ np.asarray(joint.W).T + np.asarray(joint.b), 1)
+    assert np.mean(pred == np.argmax(x @ np.asarray(res.W).T + np.asarray(res.b), 1)) > 0.995
+
+
 def test_resolving_one_class_matches_solving_all(solved):
     x, y, (xs, valid, ls, mesh, layout), res = solved
     W, b = np.asarray(res.W).copy(), np.asarray(res.b).copy()

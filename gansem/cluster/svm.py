@@ -41,12 +41,17 @@ How one class is solved (exact: the result is the optimum of the full f_k):
    * ``"newton"``: the primal finite Newton method for the L2-loss SVM (Keerthi &
      DeCoste, JMLR 2005; LIBLINEAR's L2-loss primal): Newton direction from the
      Cholesky factor of H, exact line search on the piecewise-quadratic 1-D
-     function.
+     function; the whole loop runs on device (one dispatch per round).
 
-   H is built from gathered active rows (``|A| D^2``) and afterwards updated
+   H is built once from the active rows (``|A| D^2``) and afterwards updated
    with the rows whose active status flipped (``|flips| D^2``, usually a few).
+   A class started at ``w = 0`` (training from scratch) starts from its
+   class-mean difference ``mean(x | k) - mean(x | not k)`` instead.
 
-Stopping rule (both solvers): the paper's "L-inf change of W below ``tol`` =
+``solver="joint"`` is the original implementation's way, kept as a reference:
+one plain jaxopt L-BFGS over all requested classes at once on all rows.
+
+Stopping rule (all solvers): the paper's "L-inf change of W below ``tol`` =
 1e-4" between two iterations, guarded against weak cases (tiny first steps, see
 docs/measurements.md): the gradient norm must also be below
 ``grad_rtol * ||grad f_k(0, 0)||``; for L-BFGS the change only counts from the
@@ -102,8 +107,8 @@ STOP_REASONS = ("max_iter", "weight_change", "line_search_failed", "not_solved")
 _MAX_ITER, _WEIGHT_CHANGE, _LS_FAILED, _NOT_SOLVED = range(4)
 _DEBUG = bool(__import__("os").environ.get("GANSEM_SVM_DEBUG"))
 
-#: Solvers accepted by :func:`train_ovr_svm`.
-SOLVERS = ("lbfgs", "newton")
+#: Solvers accepted by :func:`train_ovr_svm` ("joint" is the original procedure, a slow reference).
+SOLVERS = ("lbfgs", "newton", "joint")
 
 
 class SVMResult(NamedTuple):
@@ -252,12 +257,25 @@ def _label_sums(xc, vc, lc, cls):
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "layout"))
-def _grad_zero_norm(x, valid, labels, classes, scale, *, mesh, layout):
-    """``||grad f_k(0, 0)||`` per class: at 0 every row is active, ``grad = -2 C sum_i y_ik x~_i``."""
+def _class_stats(x, valid, labels, classes, scale, *, mesh, layout):
+    """Per class: ``||grad f_k(0, 0)||`` and the class-mean difference ``mean(x | k) - mean(x | not k)``.
+
+    At 0 every row is active, so ``grad f_k(0, 0) = -2 C sum_i y_ik x~_i``.
+    """
     s, c, st, ct = sharding.row_reduce(_label_sums, mesh, layout, (x, valid, labels), (classes,))
     gw = -2.0 * scale * (2.0 * s - st[None, :])
     gb = -2.0 * scale * (2.0 * c - ct)
-    return jnp.sqrt(jnp.sum(gw * gw, axis=1) + gb * gb)
+    diff = s / jnp.maximum(c, 1.0)[:, None] - (st[None, :] - s) / jnp.maximum(ct - c, 1.0)[:, None]
+    return jnp.sqrt(jnp.sum(gw * gw, axis=1) + gb * gb), diff
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "layout"))
+def _unit_scores(x, W, b, *, mesh, layout):
+    """Scores of ``(W, b)`` and ``(W, b)`` scaled so that every class's largest ``|score|`` is 1."""
+    S = _scores(x, W, b, mesh=mesh, layout=layout)
+    m = jnp.max(jnp.abs(S), axis=0)
+    inv = jnp.where(m > 0, 1.0 / jnp.where(m > 0, m, 1.0), 1.0)
+    return W * inv[:, None], b * inv
 
 
 def _affine_chunk(sc, vc, lc, cls, alpha, beta):
@@ -393,25 +411,62 @@ def _r_eval(X, y, v, scale):
     return g, r, r > 0, jnp.sqrt(jnp.sum(g * g))
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _hess_add(H, X, rows, wts, scale):
-    """``H + 2 C sum_j wts_j x~_j x~_j^T`` over the gathered rows ``rows`` (``wts`` 0 on padding)."""
-    Xa = _aug(X[rows])
-    return H + (2.0 * scale) * ((Xa * wts[:, None]).T @ Xa)
+#: Flip buckets of :func:`_hess_update`: at most this many rows changed active status -> rank update.
+_FLIP_BUCKETS = (32, 256)
 
 
-@jax.jit
-def _hess_base(X):
-    """``R`` plus a tiny ridge on the bias (keeps H definite with no active row; changes the path only)."""
-    return jnp.diag(_reg(X.shape[1] + 1)).at[-1, -1].set(1e-6)
+def _hess_update(H, H_active, X, active, scale):
+    """The generalised Hessian ``R + 2 C X~_A^T X~_A`` for the active mask ``active``.
+
+    ``H`` is the Hessian for the mask ``H_active``; only the rows whose status
+    flipped are added (+) or removed (-), in a fixed-size bucket (32 or 256 rows);
+    if more rows flipped than that, or than are active, it is rebuilt from all
+    active rows. Returns ``(H, built)``: whether H was formed from all active rows.
+    """
+    flips = active != H_active
+    n_flip = jnp.sum(flips, dtype=jnp.int32)
+
+    def rank_update(size):
+        def f(H):
+            idx = jnp.nonzero(flips, size=size, fill_value=0)[0]
+            wts = jnp.where(jnp.arange(size) < n_flip, jnp.where(active[idx], 1.0, -1.0), 0.0)
+            Xa = _aug(X[idx])
+            return H + (2.0 * scale) * ((Xa * wts[:, None]).T @ Xa)
+        return f
+
+    def rebuild(H):
+        del H
+        Xa = _aug(X)
+        base = jnp.diag(_reg(Xa.shape[1])).at[-1, -1].set(1e-6)  # tiny bias ridge: H definite with no active row
+        return base + (2.0 * scale) * ((Xa * active[:, None].astype(X.dtype)).T @ Xa)
+
+    n_act = jnp.sum(active, dtype=jnp.int32)
+    small, large = _FLIP_BUCKETS
+    branch = jnp.where(n_flip == 0, 0,
+                       jnp.where(n_flip <= small, 1, jnp.where(n_flip <= jnp.minimum(large, n_act), 2, 3)))
+    H = jax.lax.switch(branch, [lambda H: H, rank_update(small), rank_update(large), rebuild], H)
+    # Counted as a build: a rebuild, or the first Hessian (formed from the no-row start).
+    return H, (branch == 3) | ((branch > 0) & ~jnp.any(H_active))
 
 
-@jax.jit
+def _hess_start(X):
+    """The Hessian with no active row (``R`` plus a tiny bias ridge) and its all-inactive mask."""
+    d1 = X.shape[1] + 1
+    return jnp.diag(_reg(d1)).at[-1, -1].set(1e-6), jnp.zeros((X.shape[0],), bool)
+
+
 def _factor(H):
     """Cholesky factor of H; a diagonal fallback if float32 rounding broke it."""
     L = jnp.linalg.cholesky(H)
     good = jnp.all(jnp.isfinite(L))
     return jnp.where(good, L, jnp.diag(jnp.sqrt(jnp.maximum(jnp.diagonal(H), 1e-6))))
+
+
+@jax.jit
+def _hess_factor(H, H_active, X, active, scale):
+    """:func:`_hess_update` then the Cholesky factor: ``(H, L, rebuilt)``."""
+    H, rebuilt = _hess_update(H, H_active, X, active, scale)
+    return H, _factor(H), rebuilt
 
 
 def _ls_deriv(alpha, r0, t, wd, dd, scale):
@@ -452,15 +507,41 @@ def _line_search(X, y, v, d, r0, scale, max_steps=60):
 
 
 @jax.jit
-def _newton_step(X, y, v, g, r, L, scale):
-    """Newton direction from the factor L, exact line search, new point and its statistics."""
-    d = -jax.scipy.linalg.cho_solve((L, True), g)
-    d = jnp.where(jnp.all(jnp.isfinite(d)), d, -g)
-    alpha, descent = _line_search(X, y, v, d, r, scale)
-    v1 = v + alpha * d
-    f1, g1, r1 = _value_grad(X, y, v1, scale)
-    dw = jnp.max(jnp.abs(alpha * d[:-1]))
-    return v1, g1, r1, r1 > 0, jnp.sqrt(jnp.sum(g1 * g1)), dw, descent & (alpha > 0)
+def _newton_solve(X, y, v, scale, tol, grad_tol, budget):
+    """Primal finite Newton on the reduced problem from ``v``, all on device.
+
+    Each iteration: Hessian for the current active set (rank update by the rows
+    that flipped), Cholesky, Newton direction, exact line search. Stops when the
+    L-inf change of w is below ``tol`` and the gradient norm at most
+    ``grad_tol`` (converged), when the line search cannot move, or after
+    ``budget`` iterations. Returns ``(v, iterations, stop_code, grad_norm, hessian_builds)``.
+    """
+    _, g, r = _value_grad(X, y, v, scale)
+    H, H_active = _hess_start(X)
+
+    def cond(c):
+        it, code = c[0], c[1]
+        return (code < 0) & (it < budget)
+
+    def body(c):
+        it, _, v, g, r, H, H_active, _, builds = c
+        active = r > 0
+        H, rebuilt = _hess_update(H, H_active, X, active, scale)
+        d = -jax.scipy.linalg.cho_solve((_factor(H), True), g)
+        d = jnp.where(jnp.all(jnp.isfinite(d)), d, -g)
+        alpha, descent = _line_search(X, y, v, d, r, scale)
+        v1 = v + alpha * d
+        _, g1, r1 = _value_grad(X, y, v1, scale)
+        dw = jnp.max(jnp.abs(alpha * d[:-1]))
+        gn = jnp.sqrt(jnp.sum(g1 * g1))
+        moved = descent & (alpha > 0)
+        code = jnp.where(~moved, _LS_FAILED, jnp.where((dw < tol) & (gn <= grad_tol), _WEIGHT_CHANGE, -1))
+        return it + 1, code, v1, g1, r1, H, active, gn, builds + rebuilt.astype(jnp.int32)
+
+    gn0 = jnp.sqrt(jnp.sum(g * g))
+    it, code, v, _, _, _, _, gn, builds = jax.lax.while_loop(
+        cond, body, (jnp.int32(0), jnp.int32(-1), v, g, r, H, H_active, gn0, jnp.int32(0)))
+    return v, it, jnp.where(code < 0, _MAX_ITER, code), gn, builds
 
 
 def _minimize(fun, init, *, stop_fn, max_iter, history_size=10):
@@ -538,75 +619,68 @@ def _lbfgs_cycle(X, y, v0, L, scale, tol, grad_tol, max_iter, *, history_size):
     return v, r > 0, jnp.sqrt(jnp.sum(g * g)), it, code
 
 
-class _Hessian:
-    """Generalised Hessian ``R + 2 C X~_A^T X~_A`` of the reduced problem, kept up to date by row flips."""
-
-    def __init__(self, X, scale):
-        self.X, self.scale = X, scale
-        self.H = None
-        self.active = None
-        self.builds = 0
-
-    def at(self, active_dev):
-        """The Hessian for the active mask ``active_dev`` (device bool ``[cap]``)."""
-        active = np.asarray(active_dev)
-        if self.H is None:
-            flip_on, flip_off = np.flatnonzero(active), np.zeros(0, np.int64)
-        else:
-            flip_on = np.flatnonzero(active & ~self.active)
-            flip_off = np.flatnonzero(~active & self.active)
-        n_flip = flip_on.size + flip_off.size
-        if self.H is None or n_flip >= int(active.sum()):
-            self.H = _hess_base(self.X)
-            flip_on, flip_off = np.flatnonzero(active), np.zeros(0, np.int64)
-            self.builds += 1
-        if flip_on.size + flip_off.size:
-            rows = np.concatenate([flip_on, flip_off])
-            cap = _bucket(rows.size, lo=64)
-            idx = np.zeros(cap, np.int32)
-            idx[: rows.size] = rows
-            wts = np.zeros(cap, np.float32)
-            wts[: flip_on.size] = 1.0
-            wts[flip_on.size: rows.size] = -1.0
-            dev = self.X.devices()
-            put = lambda a: jax.device_put(a, next(iter(dev)))  # noqa: E731
-            self.H = _hess_add(self.H, self.X, put(idx), put(wts), self.scale)
-        self.active = active
-        return self.H
-
-
 def _solve_reduced(solver, X, y, v, scale, tol, grad_tol, budget, *, history_size, refresh_every):
     """Solve one reduced problem from ``v``. Returns ``(v, iters, code, grad_norm, hessian_builds)``."""
-    hess = _Hessian(X, scale)
-    g, r, active, gnorm = _r_eval(X, y, v, scale)
-    it, code = 0, _MAX_ITER
     if solver == "newton":
-        while it < budget:
-            L = _factor(hess.at(active))
-            v, g, r, active, gnorm, dw, moved = _newton_step(X, y, v, g, r, L, scale)
-            it += 1
-            dw, gn, moved = (float(dw), float(gnorm), bool(moved))
-            if not moved:
-                code = _LS_FAILED
+        v, it, code, gn, builds = _newton_solve(X, y, v, scale, tol, grad_tol, jnp.int32(budget))
+        return v, int(it), int(code), float(gn), int(builds)
+    H, H_active = _hess_start(X)
+    _, _, active, gnorm = _r_eval(X, y, v, scale)
+    it, code, builds = 0, _MAX_ITER, 0
+    while it < budget:
+        H, L, rebuilt = _hess_factor(H, H_active, X, active, scale)
+        H_active = active
+        builds += int(rebuilt)
+        cap = min(int(refresh_every), budget - it)
+        v, active, gnorm, n, c = _lbfgs_cycle(X, y, v, L, scale, tol, grad_tol, jnp.int32(cap),
+                                              history_size=int(history_size))
+        it += int(n)
+        code = int(c)
+        if code == _WEIGHT_CHANGE:
+            break
+        if code == _LS_FAILED:
+            if float(gnorm) <= float(grad_tol) or int(n) <= 1:
                 break
-            if dw < float(tol) and gn <= float(grad_tol):
-                code = _WEIGHT_CHANGE
-                break
-    else:
-        while it < budget:
-            L = _factor(hess.at(active))
-            cap = min(int(refresh_every), budget - it)
-            v, active, gnorm, n, c = _lbfgs_cycle(X, y, v, L, scale, tol, grad_tol, jnp.int32(cap),
-                                                  history_size=int(history_size))
-            it += int(n)
-            code = int(c)
-            if code == _WEIGHT_CHANGE:
-                break
-            if code == _LS_FAILED:
-                if float(gnorm) <= float(grad_tol) or int(n) <= 1:
-                    break
-                code = _MAX_ITER  # a restart with a fresh factor may still make progress
-    return v, it, code, float(gnorm), hess.builds
+            code = _MAX_ITER  # a restart with a fresh factor may still make progress
+    return v, it, code, float(gnorm), builds
+
+
+# -- the original procedure (reference) -----------------------------------------------
+
+
+def _class_partials(xc, vc, lc, W, b, cls):
+    """Squared-hinge sums ``[B]`` and their gradients ``[B, D]``, ``[B]`` over one chunk."""
+    y = _signs(lc, cls)
+    m = jnp.maximum(0.0, 1.0 - y * (xc @ W.T + b)) * vc[:, None]
+    gs = -2.0 * y * m
+    return jnp.sum(m * m, axis=0), gs.T @ xc, jnp.sum(gs, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "layout", "history_size"))
+def _joint_solve(x, valid, labels, W0, b0, classes, scale, tol, grad_tol, max_iter, *, mesh, layout,
+                 history_size):
+    """One plain L-BFGS over all requested classes at once, on all rows (the original implementation's way).
+
+    Minimises ``sum_k f_k`` (Eq. 3 times the class count: same minimiser) from
+    ``(W0, b0)`` without preconditioning or working sets; stops when the L-inf
+    change of W is below ``tol`` and every class's gradient norm is at most its
+    ``grad_tol`` (the guarded paper rule of the per-class solvers).
+    """
+    rows = (x, valid, labels)
+
+    def fun(params):
+        W, b = params
+        h, gw, gb = sharding.row_reduce(_class_partials, mesh, layout, rows, (W, b, classes))
+        gW, gB = scale * gw + W, scale * gb
+        gnorm = jnp.sqrt(jnp.sum(gW * gW, axis=1) + gB * gB)
+        return (scale * jnp.sum(h) + 0.5 * jnp.sum(W * W), gnorm), (gW, gB)
+
+    def stop_fn(old, new, gnorm):
+        return (jnp.max(jnp.abs(new[0] - old[0])) < tol) & jnp.all(gnorm <= grad_tol)
+
+    (W, b), _, gnorm, it, code = _minimize(fun, (W0, b0), stop_fn=stop_fn, max_iter=max_iter,
+                                           history_size=history_size)
+    return W, b, gnorm, it, code
 
 
 # -- driver --------------------------------------------------------------------------
@@ -657,7 +731,10 @@ def train_ovr_svm(
         max_iter: iteration cap per class (L-BFGS or Newton iterations over all
             working-set rounds); hitting it = not converged.
         classes: class indices to (re)train; ``None`` trains all K.
-        solver: ``"lbfgs"`` (jaxopt L-BFGS, Hessian-preconditioned) or ``"newton"``.
+        solver: ``"lbfgs"`` (jaxopt L-BFGS, Hessian-preconditioned), ``"newton"``, or
+            ``"joint"``: the original implementation's procedure, one plain L-BFGS over all
+            requested classes together on all rows (no working sets, no preconditioning,
+            no start rescaling; same stopping rule). Slow; a reference for benchmarks and tests.
         grad_rtol: guard of the stopping rule (relative gradient norm).
         history_size: L-BFGS memory.
         refresh_every: L-BFGS iterations between refreshes of the Hessian factor.
@@ -707,25 +784,48 @@ def train_ovr_svm(
     W = np.array(W0)
     b = np.array(b0)
     builds = 0
-    if cls.size:
+    if cls.size and solver == "joint":
+        if precond is None:
+            precond = svm_preconditioner(x, valid, mesh=mesh, layout=layout)
+        scale = jnp.float32(lam) / precond.n_valid
+        idx = jnp.asarray(cls, jnp.int32)
+        gnorm0, _ = _class_stats(x, valid, labels, idx, scale, mesh=mesh, layout=layout)
+        grad_tol = jnp.float32(grad_rtol) * gnorm0
+        Wj, bj, gn, n, code = _joint_solve(x, valid, labels, W0[idx], b0[idx], idx, scale, jnp.float32(tol),
+                                           grad_tol, jnp.int32(max_iter), mesh=mesh, layout=layout,
+                                           history_size=int(history_size))
+        W[cls], b[cls] = np.asarray(Wj), np.asarray(bj)
+        gn, code = np.asarray(gn), int(code)
+        iters[cls], gnorms[cls], stop[cls] = int(n), gn, code
+        conv[cls] = (code == _WEIGHT_CHANGE) | ((code == _LS_FAILED) & (gn <= np.asarray(grad_tol)))
+    elif cls.size:
         if precond is None:
             precond = svm_preconditioner(x, valid, mesh=mesh, layout=layout)
         rep = sharding.replicated(mesh)
         n_valid = float(precond.n_valid)
         scale = np.float32(lam) / np.float32(n_valid)
         idx = jnp.asarray(cls, jnp.int32)
-        Wc, bc = W0[idx], b0[idx]
+        gnorm0, diff = _class_stats(x, valid, labels, idx, jnp.float32(scale), mesh=mesh, layout=layout)
+        grad_tol = np.asarray(jnp.float32(grad_rtol) * gnorm0)
+        # A class started at w = 0 (training from scratch) starts from its class-mean difference
+        # instead (then rescaled like any start): speed only, the optimum does not depend on it.
+        zero = np.flatnonzero(~np.asarray(jnp.any(W0[idx] != 0, axis=1)))
+        Wstart, bstart = W0, b0
+        if zero.size:
+            zi = jnp.asarray(zero, jnp.int32)
+            Wz, bz = _unit_scores(x, diff[zi], jnp.zeros((zero.size,), jnp.float32), mesh=mesh, layout=layout)
+            Wstart = W0.at[idx[zi]].set(Wz)
+            bstart = b0.at[idx[zi]].set(bz)
+        Wc, bc = Wstart[idx], bstart[idx]
         near = None
         if ws_rank > 0 and k > 1:
-            near = np.asarray(_top_classes(x, W0, b0, min(int(ws_rank), k), mesh=mesh, layout=layout))
+            near = np.asarray(_top_classes(x, Wstart, bstart, min(int(ws_rank), k), mesh=mesh, layout=layout))
         S = _scores(x, Wc, bc, mesh=mesh, layout=layout)
         if rescale_start:
             wsq = jnp.sum(Wc * Wc, axis=1)
             al, be = _best_affine(S, valid, labels, idx, wsq, jnp.float32(scale), mesh=mesh, layout=layout)
             Wc, bc = al[:, None] * Wc, al * bc + be
             S = _affine_scores(S, al, be, mesh=mesh, layout=layout)  # only seeds working sets
-        grad_tol = np.asarray(jnp.float32(grad_rtol) * _grad_zero_norm(
-            x, valid, labels, idx, jnp.float32(scale), mesh=mesh, layout=layout))
         Wc, bc = np.asarray(Wc), np.asarray(bc)
         valid_h = np.asarray(valid) > 0
         labels_h = np.asarray(labels)
