@@ -377,16 +377,15 @@ def _gather_rows(x, labels, idx, cls, *, mesh):
 # -- the reduced problem (one class, one device) -------------------------------------
 
 
-def _bucket(n: int, lo: int = 256) -> int:
-    """Static capacity for ``n`` rows: the next power of two at or above ``max(n, lo)``."""
+def _bucket(n: int, lo: int = 256, step: int = 4096) -> int:
+    """Static capacity for ``n`` rows: the next power of two at or above ``max(n, lo)`` up to
+    ``step``, above that the next multiple of ``step`` (padding rows cost work in every pass)."""
+    if n > step:
+        return -(-n // step) * step
     cap = lo
     while cap < n:
         cap *= 2
     return cap
-
-
-def _aug(X):
-    return jnp.concatenate([X, jnp.ones((X.shape[0], 1), X.dtype)], axis=1)
 
 
 def _reg(d1):
@@ -411,48 +410,59 @@ def _r_eval(X, y, v, scale):
     return g, r, r > 0, jnp.sqrt(jnp.sum(g * g))
 
 
-#: Flip buckets of :func:`_hess_update`: at most this many rows changed active status -> rank update.
-_FLIP_BUCKETS = (32, 256)
+def _row_buckets(cap: int) -> list:
+    """Static row counts of :func:`_hess_update`'s branches: 64, 256, 1024, ... below ``cap``, then ``cap``."""
+    sizes, m = [], 64
+    while m < cap:
+        sizes.append(m)
+        m *= 4
+    return sizes + [cap]
 
 
 def _hess_update(H, H_active, X, active, scale):
     """The generalised Hessian ``R + 2 C X~_A^T X~_A`` for the active mask ``active``.
 
-    ``H`` is the Hessian for the mask ``H_active``; only the rows whose status
-    flipped are added (+) or removed (-), in a fixed-size bucket (32 or 256 rows);
-    if more rows flipped than that, or than are active, it is rebuilt from all
-    active rows. Returns ``(H, built)``: whether H was formed from all active rows.
+    ``H`` is the Hessian for the mask ``H_active``. If fewer rows changed status
+    than are active, only those rows are added (+) or removed (-); otherwise H is
+    rebuilt from the active rows. The rows are gathered into the smallest of a
+    few static buckets (:func:`_row_buckets`), so the cost is about
+    ``min(|flips|, |A|) D^2``. Returns ``(H, built)``: whether H was formed from
+    all active rows.
     """
     flips = active != H_active
     n_flip = jnp.sum(flips, dtype=jnp.int32)
+    n_act = jnp.sum(active, dtype=jnp.int32)
+    rebuild = n_act <= n_flip
+    sel = jnp.where(rebuild, active, flips)
+    n_sel = jnp.where(rebuild, n_act, n_flip)
+    H0 = jnp.diag(_reg(H.shape[0])).at[-1, -1].set(1e-6)  # tiny bias ridge: H definite with no active row
+    base = jnp.where(rebuild, H0, H)
+    sizes = _row_buckets(X.shape[0])
 
-    def rank_update(size):
-        def f(H):
-            idx = jnp.nonzero(flips, size=size, fill_value=0)[0]
-            wts = jnp.where(jnp.arange(size) < n_flip, jnp.where(active[idx], 1.0, -1.0), 0.0)
-            Xa = _aug(X[idx])
-            return H + (2.0 * scale) * ((Xa * wts[:, None]).T @ Xa)
+    def add(size):
+        def f(base):
+            # Gathered rows G (unused bucket slots zeroed) with signs +1 (now active) / -1 (now
+            # inactive). H += 2C [G^T diag(s) G, G^T s; s^T G, sum s], no [x, 1] copy of G.
+            idx = jnp.nonzero(sel, size=size, fill_value=0)[0]
+            used = jnp.arange(size) < n_sel
+            G = jnp.where(used[:, None], X[idx], 0.0)
+            sgn = jnp.where(used, jnp.where(active[idx], 1.0, -1.0), 0.0)
+            gram = jax.lax.cond(rebuild, lambda G: G.T @ G, lambda G: (G * sgn[:, None]).T @ G, G)
+            col = sgn @ G
+            top = jnp.concatenate([gram, col[:, None]], axis=1)
+            bottom = jnp.concatenate([col, jnp.sum(sgn)[None]])[None, :]
+            return base + (2.0 * scale) * jnp.concatenate([top, bottom], axis=0)
         return f
 
-    def rebuild(H):
-        del H
-        Xa = _aug(X)
-        base = jnp.diag(_reg(Xa.shape[1])).at[-1, -1].set(1e-6)  # tiny bias ridge: H definite with no active row
-        return base + (2.0 * scale) * ((Xa * active[:, None].astype(X.dtype)).T @ Xa)
-
-    n_act = jnp.sum(active, dtype=jnp.int32)
-    small, large = _FLIP_BUCKETS
-    branch = jnp.where(n_flip == 0, 0,
-                       jnp.where(n_flip <= small, 1, jnp.where(n_flip <= jnp.minimum(large, n_act), 2, 3)))
-    H = jax.lax.switch(branch, [lambda H: H, rank_update(small), rank_update(large), rebuild], H)
-    # Counted as a build: a rebuild, or the first Hessian (formed from the no-row start).
-    return H, (branch == 3) | ((branch > 0) & ~jnp.any(H_active))
+    branch = jnp.where(n_sel == 0, 0, 1 + jnp.sum(jnp.asarray(sizes[:-1]) < n_sel, dtype=jnp.int32))
+    H = jax.lax.switch(branch, [lambda base: base] + [add(m) for m in sizes], base)
+    return H, rebuild & (n_sel > 0)
 
 
 def _hess_start(X):
-    """The Hessian with no active row (``R`` plus a tiny bias ridge) and its all-inactive mask."""
+    """A placeholder Hessian and an all-inactive mask: the first :func:`_hess_update` builds H."""
     d1 = X.shape[1] + 1
-    return jnp.diag(_reg(d1)).at[-1, -1].set(1e-6), jnp.zeros((X.shape[0],), bool)
+    return jnp.zeros((d1, d1), jnp.float32), jnp.zeros((X.shape[0],), bool)
 
 
 def _factor(H):
