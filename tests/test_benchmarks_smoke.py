@@ -94,7 +94,7 @@ def test_bench_matmul_smoke(tmp_path):
     out = tmp_path / "m.json"
     bench_matmul.main(["--n", "512", "--k", "4", "--repeats", "1", "--lloyd-iters", "1", "--out", str(out)])
     res = _load(out)
-    assert set(res["results"]) == {"lloyd", "svm_grad", "scores"}
+    assert set(res["results"]) == {"lloyd", "svm_grad", "scores", "svm_hessian"}
     for r in res["results"].values():
         assert r["flops"] > 0 and r["peak_gflops"] > 0
 
