@@ -143,8 +143,9 @@ def main(argv=None):
     p.add_argument("--lam", type=float, default=5000.0, help="lambda_1 of Eq. 3 (default 5000)")
     p.add_argument("--tol", type=float, default=1e-4, help="gansem stopping rule: L-inf change of W")
     p.add_argument("--max-iter", type=int, default=2000, help="gansem iteration cap")
-    p.add_argument("--solvers", default=None, help="comma list of gansem solvers (default: all but 'joint', the original implementation's "
-                        "plain joint L-BFGS, which is slow)")
+    p.add_argument("--solvers", default=None,
+                   help="comma list of gansem solvers (default: all but 'joint', the original "
+                        "implementation's plain joint L-BFGS, which is slow)")
     p.add_argument("--skip-sklearn", action="store_true")
     p.add_argument("--sklearn-classes", type=int, default=None,
                    help="fit only this many of the K binary problems and extrapolate the time (default all)")

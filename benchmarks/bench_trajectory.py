@@ -51,7 +51,7 @@ def main(argv=None):
     p.add_argument("--no-filter", action="store_true", help="skip the initial-cluster filter")
     p.add_argument("--faithful-steps", type=int, default=None,
                    help="run only this many steps of the faithful procedure (default: all)")
-    p.add_argument("--faithful-solver", default="joint",
+    p.add_argument("--faithful-solver", default="joint", choices=("joint", "lbfgs", "newton"),
                    help="solver of the faithful procedure: 'joint' (default; one plain L-BFGS over all K "
                         "classes on all rows, as the original) or a per-class gansem solver ('lbfgs', 'newton')")
     args = p.parse_args(argv)

@@ -151,11 +151,8 @@ class SVMResult(NamedTuple):
 
 
 def _hinge_chunk(xc, vc, lc, W, b):
-    """Per-class sum of squared hinges over one chunk: ``[K]``."""
-    s = xc @ W.T + b  # [n, K]
-    y = jnp.where(lc[:, None] == jnp.arange(W.shape[0], dtype=lc.dtype)[None, :], 1.0, -1.0)
-    m = jnp.maximum(0.0, 1.0 - y * s) * vc[:, None]
-    return jnp.sum(m * m, axis=0)
+    """Per-class sum of squared hinges over one chunk: ``[K]`` (the gradients are not computed)."""
+    return _class_partials(xc, vc, lc, W, b, jnp.arange(W.shape[0], dtype=lc.dtype))[0]
 
 
 def per_class_hinge(W, b, x, valid, labels, *, mesh, layout):
@@ -846,7 +843,7 @@ def train_ovr_svm(
         for j, c in enumerate(cls):
             pos = labels_h == c
             ys = np.where(pos, 1.0, -1.0) * np.asarray(S[:, j])
-            # First working set: the rows within the margin, at most max(min_rows, 2 n_k) of them
+            # First working set: the rows within the margin, at most max(min_rows / 2, 2 n_k) of them
             # (smallest margins first); it grows by the rows found active outside it.
             member = np.zeros(valid_h.shape, bool)
             member[_select_rows(ys, valid_h & (ys < 1.0 + ws_margin), max(min_rows // 2, 2 * int(pos.sum())))] = True
