@@ -193,3 +193,25 @@ def test_incremental_statistics_equal_recomputation(solver):
         np.testing.assert_allclose(ra.iou, np.asarray(iou), rtol=1e-6)
         np.testing.assert_allclose(ra.ecos, np.asarray(ecos), rtol=1e-5, atol=1e-6)
         assert ra.svm_converged
+
+
+def test_merge_steps_compile_no_program_per_k():
+    """Every compiled XLA program is kept for the life of the process (CPU: several MB each), so a
+    merge loop that compiled programs for K-shaped arrays grew by ~60 MB per step (the default job
+    peaked at 5.3 GiB). Once the programs of the first steps exist, later steps compile nothing."""
+    x, _ = _blobs(3, n=400, k=6)
+    xs, valid, mesh, layout = _place(x)
+    state, _ = klish.klish_init(jax.random.key(0), xs, valid, 12, mesh=mesh, layout=layout,
+                                filter_clusters=False)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration"
+        else None)
+    cache = klish.MergeCache()
+    per_step = []
+    while state.W.shape[0] > 2:
+        before = len(compiles)
+        state, _ = klish.klish_step(state, xs, valid, mesh=mesh, layout=layout, cache=cache)
+        per_step.append(len(compiles) - before)
+    assert len(per_step) >= 8
+    assert sum(per_step[3:]) == 0, per_step

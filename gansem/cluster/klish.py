@@ -302,17 +302,16 @@ def _empty_stats(n_pad, kw, mesh):
 
 def _refresh(stats, W, b, cols, x, valid, labels, *, mesh, layout):
     """Recompute the statistics of classes ``cols`` (host ints), 16 at a time."""
-    W = jnp.asarray(W, jnp.float32)
-    b = jnp.asarray(b, jnp.float32)
+    W = np.asarray(W, np.float32)  # gathered on the host: no device program per K
+    b = np.asarray(b, np.float32)
     cols = np.asarray(cols, np.int64)
     for s in range(0, cols.size, _PAD_ROWS):
         c = np.full(_PAD_ROWS, -1, np.int32)
         c[: min(_PAD_ROWS, cols.size - s)] = cols[s:s + _PAD_ROWS]
-        idx = jnp.asarray(np.maximum(c, 0))
-        use = jnp.asarray(c >= 0)[:, None]
-        W16 = jnp.where(use, W[idx], 0.0)
-        b16 = jnp.where(use[:, 0], b[idx], -2.0)
-        stats = _update_columns(stats, x, valid, labels, W16, b16, jnp.asarray(c), mesh=mesh, layout=layout)
+        use = c >= 0
+        W16 = np.where(use[:, None], W[np.maximum(c, 0)], np.float32(0.0))
+        b16 = np.where(use, b[np.maximum(c, 0)], np.float32(-2.0))
+        stats = _update_columns(stats, x, valid, labels, W16, b16, c, mesh=mesh, layout=layout)
     return stats
 
 
@@ -401,7 +400,7 @@ def _apply_table(labels, table):
     table = np.asarray(table, np.int32)
     padded = np.zeros(_bucket(table.size), np.int32)
     padded[: table.size] = table
-    return _relabel(labels, jnp.asarray(padded))
+    return _relabel(labels, padded)
 
 
 def klish_init(key, x, valid, k0, *, mesh, layout, filter_clusters=True, kmeans_iters=20,
@@ -514,7 +513,8 @@ def klish_step(state: KlishState, x, valid, *, mesh, layout, lam=5000.0, tol=1e-
         stats = _refresh(stats, fit.W, fit.b, classes, x, valid, state.labels, mesh=mesh, layout=layout)
     iou, ecos = _finish(stats)
     n = float(np.asarray(state.sizes).sum())
-    objective = float(svm.objective_from_hinge(stats.hinge[:k], fit.W, lam, n))
+    W_h, b_h = np.asarray(fit.W), np.asarray(fit.b)
+    objective = float(svm.objective_from_hinge(np.asarray(stats.hinge)[:k], W_h, lam, n))
     iou_h, ecos_h = np.asarray(iou)[:k], np.asarray(ecos)[:k, :k]
     sizes = np.asarray(state.sizes)
     ids = np.asarray(state.ids)
@@ -526,7 +526,7 @@ def klish_step(state: KlishState, x, valid, *, mesh, layout, lam=5000.0, tol=1e-
         p = q = -1
         merged_ids = (-1, -1, -1)
     record = MergeRecord(
-        k=k, W=np.asarray(fit.W), b=np.asarray(fit.b), iou=iou_h, ecos=ecos_h, p=p, q=q,
+        k=k, W=W_h, b=b_h, iou=iou_h, ecos=ecos_h, p=p, q=q,
         sizes=sizes.copy(), svm_iters=int(fit.n_iter), svm_converged=bool(fit.converged),
         svm_stop_reason=fit.stop_reason, objective=objective, merged_ids=merged_ids,
     )
@@ -536,7 +536,8 @@ def klish_step(state: KlishState, x, valid, *, mesh, layout, lam=5000.0, tol=1e-
         if cache is not None:
             cache._put(new_state, x, stats)
         return new_state, record
-    # Merge p into q: labels p -> q, indices above p shift down, row p deleted.
+    # Merge p into q: labels p -> q, indices above p shift down, row p deleted. K-shaped arrays are
+    # built on the host and placed with device_put, so no device program is compiled per K.
     keep = np.delete(np.arange(k), p)
     q_new = q - int(q > p)
     table = np.arange(k) - (np.arange(k) > p)
@@ -548,18 +549,18 @@ def klish_step(state: KlishState, x, valid, *, mesh, layout, lam=5000.0, tol=1e-
     stale = np.zeros(k - 1, bool)
     stale[q_new] = True
     new_state = KlishState(
-        W=fit.W[keep],
-        b=fit.b[keep],
+        W=jax.device_put(W_h[keep]),
+        b=jax.device_put(b_h[keep]),
         labels=_apply_table(state.labels, table),
-        sizes=jnp.asarray(new_sizes[keep], jnp.int32),
+        sizes=jax.device_put(new_sizes[keep].astype(np.int32)),
         step=state.step + 1,
-        ids=jnp.asarray(new_ids[keep], jnp.int32),
-        stale=jnp.asarray(stale),
+        ids=jax.device_put(new_ids[keep].astype(np.int32)),
+        stale=jax.device_put(stale),
     )
     if cache is not None:
         kw = stats.scores.shape[1]
         perm = np.concatenate([np.delete(np.arange(kw), p), [p]]).astype(np.int32)
-        cache._put(new_state, x, _drop_class(stats, jnp.asarray(perm)))
+        cache._put(new_state, x, _drop_class(stats, perm))
     return new_state, record
 
 

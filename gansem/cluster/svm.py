@@ -195,9 +195,14 @@ def _objective(W, b, x, valid, labels, lam, *, mesh, layout):
 
 
 def objective_from_hinge(hinge, W, lam, n_valid):
-    """Eq. 3 from the per-class hinge sums ``[K]`` of :func:`per_class_hinge`."""
+    """Eq. 3 from the per-class hinge sums ``[K]`` of :func:`per_class_hinge`.
+
+    NumPy inputs are summed on the host in float32 (no device program per K); anything
+    else (jax arrays, tracers) with ``jax.numpy``.
+    """
+    xp = np if isinstance(hinge, np.ndarray) and isinstance(W, np.ndarray) else jnp
     k = W.shape[0]
-    return lam / (k * n_valid) * jnp.sum(hinge) + 0.5 / k * jnp.sum(W * W)
+    return lam / (k * n_valid) * xp.sum(hinge) + 0.5 / k * xp.sum(W * W)
 
 
 # -- data-set constants --------------------------------------------------------------
@@ -347,9 +352,22 @@ def _score_col(x, v, *, mesh, layout):
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "layout", "m"))
-def _top_classes(x, W, b, m, *, mesh, layout):
-    """The ``m`` best-scoring classes of every row under ``(W, b)``: ``[N_pad, m] int32``."""
+def _top_classes_padded(x, W, b, m, *, mesh, layout):
     return sharding.row_map(lambda xc, W, b: jax.lax.top_k(xc @ W.T + b, m)[1], mesh, layout, (x,), (W, b))
+
+
+def _top_classes(x, W, b, m, *, mesh, layout):
+    """The ``m`` best-scoring classes of every row under host arrays ``(W, b)``: ``[N_pad, m] int32``.
+
+    The classes are padded to a power of two (padding never ranks: bias -inf), so a merge
+    loop compiles this once per power of two instead of once per K.
+    """
+    k = W.shape[0]
+    kp = _bucket(k, lo=16)
+    Wp = np.zeros((kp, W.shape[1]), np.float32)
+    bp = np.full(kp, -np.inf, np.float32)
+    Wp[:k], bp[:k] = W, b
+    return _top_classes_padded(x, Wp, bp, m, mesh=mesh, layout=layout)
 
 
 def _select_rows(ys, cand, limit):
@@ -764,8 +782,10 @@ def train_ovr_svm(
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    W0 = jnp.asarray(W0, jnp.float32)
-    b0 = jnp.asarray(b0, jnp.float32)
+    # (W, b) are handled on the host (small); device programs only see fixed or per-class shapes,
+    # so a merge loop (K shrinking by one per step) does not compile a program per K.
+    W0 = np.asarray(W0, np.float32)
+    b0 = np.asarray(b0, np.float32)
     k, dim = W0.shape
     if x.ndim != 2 or x.shape[1] != dim:
         raise ValueError(f"x must be [N_pad, {dim}] to match W0 {W0.shape}, got {x.shape}")
@@ -777,7 +797,7 @@ def train_ovr_svm(
         raise ValueError(f"ws_margin must be >= 0, got {ws_margin}")
     if max_iter < 1 or refresh_every < 1:
         raise ValueError(f"max_iter and refresh_every must be >= 1, got {max_iter}, {refresh_every}")
-    if not (np.isfinite(np.asarray(W0)).all() and np.isfinite(np.asarray(b0)).all()):
+    if not (np.isfinite(W0).all() and np.isfinite(b0).all()):
         raise ValueError("W0/b0 contain NaN or inf; start from finite weights (e.g. zeros)")
     cls = np.arange(k) if classes is None else np.asarray(classes, dtype=np.int64).reshape(-1)
     if cls.size and (cls.min() < 0 or cls.max() >= k or np.unique(cls).size != cls.size):
@@ -798,7 +818,7 @@ def train_ovr_svm(
         idx = jnp.asarray(cls, jnp.int32)
         gnorm0, _ = _class_stats(x, valid, labels, idx, scale, mesh=mesh, layout=layout)
         grad_tol = jnp.float32(grad_rtol) * gnorm0
-        Wj, bj, gn, n, code = _joint_solve(x, valid, labels, W0[idx], b0[idx], idx, scale, jnp.float32(tol),
+        Wj, bj, gn, n, code = _joint_solve(x, valid, labels, W0[cls], b0[cls], idx, scale, jnp.float32(tol),
                                            grad_tol, jnp.int32(max_iter), mesh=mesh, layout=layout,
                                            history_size=int(history_size))
         W[cls], b[cls] = np.asarray(Wj), np.asarray(bj)
@@ -816,21 +836,21 @@ def train_ovr_svm(
         grad_tol = np.asarray(jnp.float32(grad_rtol) * gnorm0)
         # A class started at w = 0 (training from scratch) starts from its class-mean difference
         # instead (then rescaled like any start): speed only, the optimum does not depend on it.
-        zero = np.flatnonzero(~np.asarray(jnp.any(W0[idx] != 0, axis=1)))
-        Wstart, bstart = W0, b0
+        zero = np.flatnonzero(~np.any(W0[cls] != 0, axis=1))
+        Wstart, bstart = W0.copy(), b0.copy()
         if zero.size:
-            zi = jnp.asarray(zero, jnp.int32)
-            Wz, bz = _unit_scores(x, diff[zi], jnp.zeros((zero.size,), jnp.float32), mesh=mesh, layout=layout)
-            Wstart = W0.at[idx[zi]].set(Wz)
-            bstart = b0.at[idx[zi]].set(bz)
-        Wc, bc = Wstart[idx], bstart[idx]
+            Wz, bz = _unit_scores(x, np.asarray(diff)[zero], np.zeros(zero.size, np.float32), mesh=mesh,
+                                  layout=layout)
+            Wstart[cls[zero]], bstart[cls[zero]] = np.asarray(Wz), np.asarray(bz)
+        Wc, bc = Wstart[cls], bstart[cls]
         near = None
         if ws_rank > 0 and k > 1:
             near = np.asarray(_top_classes(x, Wstart, bstart, min(int(ws_rank), k), mesh=mesh, layout=layout))
         S = _scores(x, Wc, bc, mesh=mesh, layout=layout)
         if rescale_start:
-            wsq = jnp.sum(Wc * Wc, axis=1)
+            wsq = np.sum(Wc * Wc, axis=1)
             al, be = _best_affine(S, valid, labels, idx, wsq, jnp.float32(scale), mesh=mesh, layout=layout)
+            al, be = np.asarray(al), np.asarray(be)
             Wc, bc = al[:, None] * Wc, al * bc + be
             S = _affine_scores(S, al, be, mesh=mesh, layout=layout)  # only seeds working sets
         Wc, bc = np.asarray(Wc), np.asarray(bc)
@@ -881,8 +901,8 @@ def train_ovr_svm(
                 member[_select_rows(ys, out & (ys < 1.0 + ws_margin), max(min_rows, rows.size))] = True
             W[c], b[c] = v[:-1], v[-1]
             iters[c], conv[c], gnorms[c], stop[c] = used, ok, gn, code
-    W = jnp.asarray(W)
-    b = jnp.asarray(b)
+    W = jax.device_put(W)
+    b = jax.device_put(b)
     objective = (
         ovr_svm_objective(W, b, x, valid, labels, lam=lam, mesh=mesh, layout=layout)
         if compute_objective
@@ -903,10 +923,10 @@ def train_ovr_svm(
         converged=jnp.bool_(bool(solved.all())),
         grad_norm=jnp.float32(gnorms.max(initial=0.0)),
         stop_reason=reason,
-        class_iters=jnp.asarray(iters),
-        class_converged=jnp.asarray(conv),
-        class_grad_norm=jnp.asarray(gnorms),
-        class_stop=jnp.asarray(stop),
+        class_iters=jax.device_put(iters),
+        class_converged=jax.device_put(conv),
+        class_grad_norm=jax.device_put(gnorms),
+        class_stop=jax.device_put(stop),
         hessian_evals=int(builds),
-        working_rows=jnp.asarray(wrows),
+        working_rows=jax.device_put(wrows),
     )
