@@ -32,6 +32,7 @@ number than wall time on a machine shared with other jobs.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -176,6 +177,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     common.setup_devices(args.devices)
     skip = {s for s in args.skip.split(",") if s}
+    for lib, module in (("sklearn", "sklearn"), ("faiss", "faiss")):
+        if lib not in skip and importlib.util.find_spec(module) is None:
+            print(f"{lib} is not installed: skipped (bash scripts/setup.sh --bench installs the baselines)")
+            skip.add(lib)
 
     x, data = common.load_data(args)
     print(f"data {data}")

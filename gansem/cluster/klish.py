@@ -281,14 +281,16 @@ def _update_columns(stats, x, valid, labels, W16, b16, cols, *, mesh, layout):
 
     def one(st, lane):
         j = cols[lane]
-        jj = jnp.maximum(j, 0)
-        gcol, inter, pred, ngt, hinge = sharding.row_reduce(
-            _column_chunk, mesh, layout, (S, S[:, jj], valid, labels), (jj,))
-        use = j >= 0
-        gram = jnp.where(use, st.gram.at[jj, :].set(gcol).at[:, jj].set(gcol), st.gram)
-        upd = lambda a, v: jnp.where(use, a.at[jj].set(v), a)  # noqa: E731
-        return st._replace(gram=gram, inter=upd(st.inter, inter), pred=upd(st.pred, pred),
-                           n_gt=upd(st.n_gt, ngt), hinge=upd(st.hinge, hinge)), None
+
+        def update(st):
+            gcol, inter, pred, ngt, hinge = sharding.row_reduce(
+                _column_chunk, mesh, layout, (S, S[:, j], valid, labels), (j,))
+            return st._replace(gram=st.gram.at[j, :].set(gcol).at[:, j].set(gcol), inter=st.inter.at[j].set(inter),
+                               pred=st.pred.at[j].set(pred), n_gt=st.n_gt.at[j].set(ngt),
+                               hinge=st.hinge.at[j].set(hinge))
+
+        # Unused lanes skip their pass over all rows (a merge step updates one column of 16).
+        return jax.lax.cond(j >= 0, update, lambda st: st, st), None
 
     st, _ = jax.lax.scan(one, stats._replace(scores=S), jnp.arange(cols.shape[0]))
     return st
