@@ -203,15 +203,18 @@ def test_merge_steps_compile_no_program_per_k():
     xs, valid, mesh, layout = _place(x)
     state, _ = klish.klish_init(jax.random.key(0), xs, valid, 12, mesh=mesh, layout=layout,
                                 filter_clusters=False)
-    compiles = []
+    compiles, listening = [], [True]  # the listener cannot be removed: it goes quiet after the test
     jax.monitoring.register_event_duration_secs_listener(
-        lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration"
-        else None)
+        lambda event, secs, **kw: compiles.append(event)
+        if listening[0] and event == "/jax/core/compile/backend_compile_duration" else None)
     cache = klish.MergeCache()
     per_step = []
-    while state.W.shape[0] > 2:
-        before = len(compiles)
-        state, _ = klish.klish_step(state, xs, valid, mesh=mesh, layout=layout, cache=cache)
-        per_step.append(len(compiles) - before)
+    try:
+        while state.W.shape[0] > 2:
+            before = len(compiles)
+            state, _ = klish.klish_step(state, xs, valid, mesh=mesh, layout=layout, cache=cache)
+            per_step.append(len(compiles) - before)
+    finally:
+        listening[0] = False
     assert len(per_step) >= 8
     assert sum(per_step[3:]) == 0, per_step

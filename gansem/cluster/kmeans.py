@@ -123,30 +123,20 @@ def _sub_blocks(n: int) -> int:
     return n
 
 
-def _blockwise(fn, *rows):
-    """``fn(*rows)`` evaluated in sub-blocks of rows (outputs concatenated along rows)."""
+def _blockwise(fn, *rows, sum_blocks=False):
+    """``fn(*rows)`` evaluated in sub-blocks of rows: outputs concatenated along rows, or,
+    with ``sum_blocks``, summed over the blocks (``fn`` then returns per-block partial sums;
+    cluster sums accumulated block by block stay in cache, ~10 % faster per Lloyd iteration
+    than one scatter-add over the whole chunk). Fixed shapes, fixed order."""
     n = rows[0].shape[0]
     b = _sub_blocks(n)
     if b == n:
         return fn(*rows)
     split = tuple(r.reshape((n // b, b) + r.shape[1:]) for r in rows)
     out = jax.lax.map(lambda r: fn(*r), split)
+    if sum_blocks:
+        return jax.tree.map(lambda o: jnp.sum(o, axis=0), out)
     return jax.tree.map(lambda o: o.reshape((n,) + o.shape[2:]), out)
-
-
-def _blockwise_sum(fn, *rows):
-    """``fn(*rows)`` summed over sub-blocks of rows (``fn`` returns per-block partial sums).
-
-    Per-cluster sums accumulated block by block stay in cache (XLA's CPU scatter-add over
-    a whole chunk is ~10 % slower per Lloyd iteration); fixed shapes, fixed order.
-    """
-    n = rows[0].shape[0]
-    b = _sub_blocks(n)
-    if b == n:
-        return fn(*rows)
-    split = tuple(r.reshape((n // b, b) + r.shape[1:]) for r in rows)
-    out = jax.lax.map(lambda r: fn(*r), split)
-    return jax.tree.map(lambda o: jnp.sum(o, axis=0), out)
 
 
 def _argmin2_t(d):
@@ -438,7 +428,7 @@ def _lloyd(x, valid, centroids, tol, *, max_iter, mesh, layout, metric):
             return (jax.ops.segment_sum(xb, labels, num_segments=k),
                     jax.ops.segment_sum(jnp.ones_like(labels), labels, num_segments=k))
 
-        return _blockwise_sum(block, xc, vc)
+        return _blockwise(block, xc, vc, sum_blocks=True)
 
     def reseed(c, sums, counts):
         empty = counts == 0

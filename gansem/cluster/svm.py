@@ -853,7 +853,6 @@ def train_ovr_svm(
             al, be = np.asarray(al), np.asarray(be)
             Wc, bc = al[:, None] * Wc, al * bc + be
             S = _affine_scores(S, al, be, mesh=mesh, layout=layout)  # only seeds working sets
-        Wc, bc = np.asarray(Wc), np.asarray(bc)
         valid_h = np.asarray(valid) > 0
         labels_h = np.asarray(labels)
         dev0 = mesh.devices.flat[0]
