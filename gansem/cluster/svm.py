@@ -189,9 +189,33 @@ def ovr_svm_objective(W, b, x, valid, labels, *, lam=5000.0, mesh, layout):
 
 @functools.partial(jax.jit, static_argnames=("mesh", "layout"))
 def _objective(W, b, x, valid, labels, lam, *, mesh, layout):
+    return _eq3(W, b, x, valid, labels, lam, mesh, layout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _eq3(W, b, x, valid, labels, lam, mesh, layout):
     h = sharding.row_reduce(_hinge_chunk, mesh, layout, (x, valid, labels), (W, b))
     n = _n_valid(valid, mesh, layout).astype(jnp.float32)
     return objective_from_hinge(h, W, lam, n)
+
+
+def _eq3_fwd(W, b, x, valid, labels, lam, mesh, layout):
+    # Value and gradient in one pass over the rows (scores X W^T, then G^T X per chunk): what
+    # jax.grad would derive, without differentiating through the chunk loop.
+    k = W.shape[0]
+    h, gw, gb = sharding.row_reduce(_class_partials, mesh, layout, (x, valid, labels),
+                                    (W, b, jnp.arange(k, dtype=labels.dtype)))
+    n = _n_valid(valid, mesh, layout).astype(jnp.float32)
+    c = lam / (k * n)
+    return objective_from_hinge(h, W, lam, n), (c * gw + W / k, c * gb)
+
+
+def _eq3_bwd(mesh, layout, res, g):
+    gW, gb = res
+    return g * gW, g * gb, None, None, None, None  # no gradient w.r.t. the data, labels or lambda
+
+
+_eq3.defvjp(_eq3_fwd, _eq3_bwd)
 
 
 def objective_from_hinge(hinge, W, lam, n_valid):
@@ -426,13 +450,25 @@ def _r_eval(X, y, v, scale):
     return g, r, r > 0, jnp.sqrt(jnp.sum(g * g))
 
 
+_HESS_CHUNK = 1024  # rows per Gram product of a large Hessian update
+
+
 def _row_buckets(cap: int) -> list:
-    """Static row counts of :func:`_hess_update`'s branches: 64, 256, 1024, ... below ``cap``, then ``cap``."""
-    sizes, m = [], 64
-    while m < cap:
-        sizes.append(m)
-        m *= 4
-    return sizes + [cap]
+    """Static row counts of :func:`_hess_update`'s single-product branches: 64 and 256, below ``cap``."""
+    return [m for m in (64, 256) if m < min(cap, _HESS_CHUNK)]
+
+
+def _gram_rows(X, idx, sgn, rebuild):
+    """``2 [G^T diag(s) G, G^T s; s^T G, sum s]`` for the gathered rows ``G = X[idx]`` (zero-sign rows add nothing).
+
+    ``rebuild``: every sign is 0 or +1, so ``G^T G`` (rows with sign 0 are zeroed) replaces ``G^T diag(s) G``.
+    """
+    G = jnp.where((sgn != 0)[:, None], X[idx], 0.0)
+    gram = jax.lax.cond(rebuild, lambda G: G.T @ G, lambda G: (G * sgn[:, None]).T @ G, G)
+    col = sgn @ G
+    top = jnp.concatenate([gram, col[:, None]], axis=1)
+    bottom = jnp.concatenate([col, jnp.sum(sgn)[None]])[None, :]
+    return jnp.concatenate([top, bottom], axis=0)
 
 
 def _hess_update(H, H_active, X, active, scale):
@@ -440,10 +476,11 @@ def _hess_update(H, H_active, X, active, scale):
 
     ``H`` is the Hessian for the mask ``H_active``. If fewer rows changed status
     than are active, only those rows are added (+) or removed (-); otherwise H is
-    rebuilt from the active rows. The rows are gathered into the smallest of a
-    few static buckets (:func:`_row_buckets`), so the cost is about
-    ``min(|flips|, |A|) D^2``. Returns ``(H, built)``: whether H was formed from
-    all active rows.
+    rebuilt from the active rows. Up to 256 selected rows are gathered into the
+    smallest static bucket (64 or 256 rows) for one product; more are summed
+    over chunks of ``_HESS_CHUNK`` gathered rows, as many chunks as needed, so
+    the cost is about ``min(|flips|, |A|) D^2`` and each product is a full-size
+    GEMM. Returns ``(H, built)``: whether H was formed from all active rows.
     """
     flips = active != H_active
     n_flip = jnp.sum(flips, dtype=jnp.int32)
@@ -453,25 +490,33 @@ def _hess_update(H, H_active, X, active, scale):
     n_sel = jnp.where(rebuild, n_act, n_flip)
     H0 = jnp.diag(_reg(H.shape[0])).at[-1, -1].set(1e-6)  # tiny bias ridge: H definite with no active row
     base = jnp.where(rebuild, H0, H)
-    sizes = _row_buckets(X.shape[0])
+    n = X.shape[0]
+    chunk = min(_HESS_CHUNK, n)
+    sizes = _row_buckets(n)
 
-    def add(size):
+    def signs(idx, pos):
+        # +1: row now active, -1: now inactive, 0: unused slot (position past the n_sel selected rows)
+        return jnp.where(pos < n_sel, jnp.where(active[idx], 1.0, -1.0), 0.0)
+
+    def small(size):
         def f(base):
-            # Gathered rows G (unused bucket slots zeroed) with signs +1 (now active) / -1 (now
-            # inactive). H += 2C [G^T diag(s) G, G^T s; s^T G, sum s], no [x, 1] copy of G.
             idx = jnp.nonzero(sel, size=size, fill_value=0)[0]
-            used = jnp.arange(size) < n_sel
-            G = jnp.where(used[:, None], X[idx], 0.0)
-            sgn = jnp.where(used, jnp.where(active[idx], 1.0, -1.0), 0.0)
-            gram = jax.lax.cond(rebuild, lambda G: G.T @ G, lambda G: (G * sgn[:, None]).T @ G, G)
-            col = sgn @ G
-            top = jnp.concatenate([gram, col[:, None]], axis=1)
-            bottom = jnp.concatenate([col, jnp.sum(sgn)[None]])[None, :]
-            return base + (2.0 * scale) * jnp.concatenate([top, bottom], axis=0)
+            return base + (2.0 * scale) * _gram_rows(X, idx, signs(idx, jnp.arange(size)), rebuild)
         return f
 
-    branch = jnp.where(n_sel == 0, 0, 1 + jnp.sum(jnp.asarray(sizes[:-1]) < n_sel, dtype=jnp.int32))
-    H = jax.lax.switch(branch, [lambda base: base] + [add(m) for m in sizes], base)
+    def chunked(base):
+        n_chunks = -(-n // chunk)
+        idx = jnp.nonzero(sel, size=n_chunks * chunk, fill_value=0)[0]
+
+        def body(c, acc):
+            ids = jax.lax.dynamic_slice(idx, (c * chunk,), (chunk,))
+            return acc + _gram_rows(X, ids, signs(ids, c * chunk + jnp.arange(chunk)), rebuild)
+
+        acc = jax.lax.fori_loop(0, (n_sel + chunk - 1) // chunk, body, jnp.zeros_like(base))
+        return base + (2.0 * scale) * acc
+
+    branch = jnp.where(n_sel == 0, 0, 1 + jnp.sum(jnp.asarray(sizes, jnp.int32) < n_sel, dtype=jnp.int32))
+    H = jax.lax.switch(branch, [lambda base: base] + [small(m) for m in sizes] + [chunked], base)
     return H, rebuild & (n_sel > 0)
 
 
