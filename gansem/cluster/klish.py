@@ -23,17 +23,17 @@ clusters, map IoU through the inverse sigmoid (IoU clipped to [1e-6, 1-1e-6]),
 drop clusters whose logit is below ``mean - std`` (population std), and re-run
 Lloyd from the kept centroids.
 
-Incremental statistics (exact). After merging p into q only w_q changes, so the
-counts behind IoU_k (Eq. 4) and the hinge sums are unchanged for k != q, and the
-ECoS numerator matrix ``sum_i d_ik d_ij`` (Eq. 5) changes only in row/column q.
-:class:`MergeCache` keeps the score matrix ``[N_pad, Kw]`` (row-sharded) and
-those statistics between steps; a step then costs the solve plus
-``O(N D + N K)`` (one score column, one matrix-vector product) instead of
-``O(N D K)``. Every column is computed by the same kernels whether it is
-updated or rebuilt (a 16-wide score block, a matrix-vector product for the
-ECoS column, fixed width ``Kw = bucket(K_init)`` for the whole run), so a cache
-rebuilt from scratch (resume, or ``cache=None``) is bitwise identical to the
-updated one, and so is the trajectory.
+Incremental statistics (exact). After merging p into q only w_q changes, so
+only score column q needs recomputing. :class:`MergeCache` keeps the score
+matrix ``[N_pad, Kw]`` (row-sharded) between steps; a step then costs the solve
+plus one score GEMM of ``_LANES`` columns (``O(N D)``) and one pass over the
+scores that recomputes the counts behind IoU_k (Eq. 4), the hinge sums and the
+ECoS numerator matrix ``sum_i d_ik d_ij`` (Eq. 5; one ``[Kw, N] x [N, Kw]`` GEMM),
+instead of ``O(N D K)``. Score columns come from products of one fixed shape
+whether updated or rebuilt, the width ``Kw = bucket(K_init)`` is fixed for the
+whole run, and everything else is a function of the scores, so a cache rebuilt
+from scratch (resume, or ``cache=None``) is bitwise identical to the updated
+one, and so is the trajectory.
 
 Everything per row goes through :mod:`gansem.sharding` (``row_reduce``/``row_map``),
 so the merge sequence is bit-identical on 1 and 8 devices.
@@ -69,7 +69,7 @@ __all__ = [
     "MergeCache",
 ]
 
-_PAD_ROWS = 16
+_LANES = 32  # classes per score GEMM; the statistics' width Kw is a multiple of it
 
 
 class KlishState(NamedTuple):
@@ -139,14 +139,14 @@ def svm_scores(W, b, x):
 
 
 def _bucket(k: int) -> int:
-    return -(-k // _PAD_ROWS) * _PAD_ROWS
+    return -(-k // _LANES) * _LANES
 
 
 def merge_statistics(W, b, x, valid, labels, *, mesh, layout):
     """IoU (Eq. 4), ECoS (Eq. 5) and per-class squared-hinge sums, from scratch.
 
-    Uses the kernels of the merge loop's incremental statistics (16 classes per
-    score block), so these values are bitwise those the loop computes.
+    Uses the kernels of the merge loop's incremental statistics (32 classes per
+    score GEMM), so these values are bitwise those the loop computes.
 
     Args:
         W: ``[K, D]``; b: ``[K]``.
@@ -158,8 +158,7 @@ def merge_statistics(W, b, x, valid, labels, *, mesh, layout):
         union has IoU 0; a score map that is 0 everywhere has ECoS 0 with all.
     """
     k = W.shape[0]
-    stats = _refresh(_empty_stats(x.shape[0], _bucket(k), mesh), W, b, np.arange(k), x, valid, labels,
-                     mesh=mesh, layout=layout)
+    stats = _build(W, b, k, _bucket(k), x, valid, labels, mesh=mesh, layout=layout)
     iou, ecos = _finish(stats)
     return iou[:k], ecos[:k, :k], stats.hinge[:k]
 
@@ -253,68 +252,90 @@ def _width(state) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "layout"))
-def _score_block(x, Wb, bb, *, mesh, layout):
-    """Scores of 16 classifiers ``Wb [16, D]``, ``bb [16]``: ``[N_pad, 16]`` (lane-invariant GEMM)."""
-    return sharding.row_map(lambda xc, W, b: svm_scores(W, b, xc), mesh, layout, (x,), (Wb, bb))
+def _score_block(x, Wl, bl, *, mesh, layout):
+    """Scores of ``_LANES`` classifiers ``Wl [L, D]``, ``bl [L]``: ``[N_pad, L]`` (one fixed-shape GEMM per chunk)."""
+    return sharding.row_map(lambda xc, W, b: svm_scores(W, b, xc), mesh, layout, (x,), (Wl, bl))
 
 
-def _column_chunk(sc, sj, vc, lc, j):
-    ok = vc > 0
-    d = jnp.clip((sc + 1.0) * 0.5, 0.0, 1.0) * vc[:, None]
-    dj = jnp.clip((sj + 1.0) * 0.5, 0.0, 1.0) * vc
-    gcol = dj @ d  # N,NK -> K (vector-matrix, not d.T @ dj: faster on CPU; the same bits whichever column)
-    gt = (lc == j) & ok
-    pos = (sj > 0) & ok
+def _stats_chunk(sc, vc, lc):
+    """Statistics of every score column of one chunk ``sc [c, Kw]`` (column j belongs to class j).
+
+    Returns the ECoS numerators ``d^T d`` of the score maps ``d = clamp((s + 1) / 2, 0, 1)``
+    (one GEMM), the Eq. 4 counts and the squared-hinge sums. Padding columns (scores -2)
+    contribute nothing.
+    """
+    kw = sc.shape[1]
+    ok = (vc > 0)[:, None]
+    gt = (lc[:, None] == jnp.arange(kw, dtype=lc.dtype)[None, :]) & ok
+    pos = (sc > 0) & ok
     y = jnp.where(gt, 1.0, -1.0)
-    m = jnp.maximum(0.0, 1.0 - y * sj) * vc
-    return (gcol, jnp.sum(pos & gt, dtype=jnp.int32), jnp.sum(pos, dtype=jnp.int32),
-            jnp.sum(gt, dtype=jnp.int32), jnp.sum(m * m))
+    m = jnp.maximum(0.0, 1.0 - y * sc) * vc[:, None]
+    d = jnp.clip((sc + 1.0) * 0.5, 0.0, 1.0) * vc[:, None]
+    # Column sums as vector-matrix products (XLA:CPU's column reductions are ~2x slower); counts are
+    # exact in float32 per chunk (< 2^24 rows) and summed over chunks as int32.
+    one = jnp.ones((sc.shape[0],), jnp.float32)
+    count = lambda a: (one @ a.astype(jnp.float32)).astype(jnp.int32)  # noqa: E731
+    return d.T @ d, count(pos & gt), count(pos), count(gt), one @ (m * m)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "layout"))
-def _update_columns(stats, x, valid, labels, W16, b16, cols, *, mesh, layout):
-    """Recompute score columns ``cols [16]`` (``-1`` = unused lane) and then their statistics."""
-    blk = _score_block(x, W16, b16, mesh=mesh, layout=layout)  # [N_pad, 16]
-    kw = stats.scores.shape[1]
-    tgt = jnp.where(cols >= 0, cols, kw)  # out-of-range lanes are dropped
-    S = stats.scores.at[:, tgt].set(blk, mode="drop")
-
-    def one(st, lane):
-        j = cols[lane]
-
-        def update(st):
-            gcol, inter, pred, ngt, hinge = sharding.row_reduce(
-                _column_chunk, mesh, layout, (S, S[:, j], valid, labels), (j,))
-            return st._replace(gram=st.gram.at[j, :].set(gcol).at[:, j].set(gcol), inter=st.inter.at[j].set(inter),
-                               pred=st.pred.at[j].set(pred), n_gt=st.n_gt.at[j].set(ngt),
-                               hinge=st.hinge.at[j].set(hinge))
-
-        # Unused lanes skip their pass over all rows (a merge step updates one column of 16).
-        return jax.lax.cond(j >= 0, update, lambda st: st, st), None
-
-    st, _ = jax.lax.scan(one, stats._replace(scores=S), jnp.arange(cols.shape[0]))
-    return st
+def _with_stats(S, valid, labels, *, mesh, layout):
+    """All statistics from the score matrix ``S [N_pad, Kw]``: one pass, one GEMM per row chunk."""
+    gram, inter, pred, ngt, hinge = sharding.row_reduce(_stats_chunk, mesh, layout, (S, valid, labels))
+    return _Stats(S, gram, inter, pred, ngt, hinge)
 
 
-def _empty_stats(n_pad, kw, mesh):
-    S = jax.device_put(jnp.full((n_pad, kw), -2.0, jnp.float32), sharding.row_sharding(mesh))
-    z = jnp.zeros((kw,), jnp.int32)
-    return _Stats(S, jnp.zeros((kw, kw), jnp.float32), z, z, z, jnp.zeros((kw,), jnp.float32))
+@functools.partial(jax.jit, static_argnames=("mesh", "layout"))
+def _set_columns(S, x, Wl, bl, cols, *, mesh, layout):
+    """``S`` with the score columns ``cols [L]`` (``-1`` = unused lane) recomputed."""
+    blk = _score_block(x, Wl, bl, mesh=mesh, layout=layout)  # [N_pad, L]
+    tgt = jnp.where(cols >= 0, cols, S.shape[1])  # unused lanes are dropped
+    return S.at[:, tgt].set(blk, mode="drop")
 
 
-def _refresh(stats, W, b, cols, x, valid, labels, *, mesh, layout):
-    """Recompute the statistics of classes ``cols`` (host ints), 16 at a time."""
+def _lane_groups(W, b, cols):
+    """Host-side ``(Wl [L, D], bl [L], c [L])`` groups of the classes ``cols``, ``_LANES`` at a time."""
     W = np.asarray(W, np.float32)  # gathered on the host: no device program per K
     b = np.asarray(b, np.float32)
     cols = np.asarray(cols, np.int64)
-    for s in range(0, cols.size, _PAD_ROWS):
-        c = np.full(_PAD_ROWS, -1, np.int32)
-        c[: min(_PAD_ROWS, cols.size - s)] = cols[s:s + _PAD_ROWS]
+    for s in range(0, cols.size, _LANES):
+        c = np.full(_LANES, -1, np.int32)
+        c[: min(_LANES, cols.size - s)] = cols[s:s + _LANES]
         use = c >= 0
-        W16 = np.where(use[:, None], W[np.maximum(c, 0)], np.float32(0.0))
-        b16 = np.where(use, b[np.maximum(c, 0)], np.float32(-2.0))
-        stats = _update_columns(stats, x, valid, labels, W16, b16, c, mesh=mesh, layout=layout)
-    return stats
+        yield (np.where(use[:, None], W[np.maximum(c, 0)], np.float32(0.0)),
+               np.where(use, b[np.maximum(c, 0)], np.float32(-2.0)), c)
+
+
+def _build_chunk(xc, Wg, bg):
+    # The lane groups' GEMMs one after the other on the same chunk of x (read from cache).
+    return jnp.concatenate([svm_scores(Wg[i], bg[i], xc) for i in range(Wg.shape[0])], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "layout"))
+def _build_scores(x, Wg, bg, *, mesh, layout):
+    return sharding.row_map(_build_chunk, mesh, layout, (x,), (Wg, bg))
+
+
+def _build(W, b, k, kw, x, valid, labels, *, mesh, layout):
+    """Statistics of classes ``0..k-1`` in ``kw`` columns from scratch: bitwise what :func:`_refresh` keeps.
+
+    Every score column comes from a product of the same shape as in an update,
+    ``[chunk, D] x [D, _LANES]`` (a column's bits do not depend on its lane), and
+    the rest is a function of the scores.
+    """
+    groups = list(_lane_groups(W, b, np.where(np.arange(kw) < k, np.arange(kw), -1)))
+    Wg = np.stack([g[0] for g in groups])
+    bg = np.stack([g[1] for g in groups])
+    S = _build_scores(x, Wg, bg, mesh=mesh, layout=layout)
+    return _with_stats(S, valid, labels, mesh=mesh, layout=layout)
+
+
+def _refresh(stats, W, b, cols, x, valid, labels, *, mesh, layout):
+    """Recompute the score columns of classes ``cols`` (host ints), then all statistics from the scores."""
+    S = stats.scores
+    for Wl, bl, c in _lane_groups(W, b, cols):
+        S = _set_columns(S, x, Wl, bl, c, mesh=mesh, layout=layout)
+    return _with_stats(S, valid, labels, mesh=mesh, layout=layout)
 
 
 @jax.jit
@@ -398,7 +419,7 @@ def _relabel(labels, table):
 
 
 def _apply_table(labels, table):
-    """``labels -> table[labels]`` with the table padded to a multiple of 16 (few compiles)."""
+    """``labels -> table[labels]`` with the table padded to a multiple of 32 (few compiles)."""
     table = np.asarray(table, np.int32)
     padded = np.zeros(_bucket(table.size), np.int32)
     padded[: table.size] = table
@@ -509,8 +530,7 @@ def klish_step(state: KlishState, x, valid, *, mesh, layout, lam=5000.0, tol=1e-
                             lam=lam, tol=tol, max_iter=max_iter, classes=classes, precond=precond,
                             compute_objective=False, solver=solver)
     if stats is None:
-        stats = _refresh(_empty_stats(x.shape[0], _width(state), mesh), fit.W, fit.b, np.arange(k), x, valid,
-                         state.labels, mesh=mesh, layout=layout)
+        stats = _build(fit.W, fit.b, k, _width(state), x, valid, state.labels, mesh=mesh, layout=layout)
     else:
         stats = _refresh(stats, fit.W, fit.b, classes, x, valid, state.labels, mesh=mesh, layout=layout)
     iou, ecos = _finish(stats)
