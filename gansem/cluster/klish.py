@@ -215,35 +215,36 @@ class _Stats(NamedTuple):
 
 
 class MergeCache:
-    """Statistics of the merge loop kept in memory between :func:`klish_step` calls.
+    """The merge loop's score matrix kept in memory between :func:`klish_step` calls.
 
     Create one per run and pass it to every step (``cache=``); the step reads it
     when it belongs to the state it is given (same x, W, b and labels objects)
-    and leaves the statistics of the state it returns in it. With no matching
-    cache the statistics are rebuilt from scratch, with bitwise the same result,
-    so nothing about it needs saving: a resumed run rebuilds it once.
+    and leaves the scores of the state it returns in it (the IoU/ECoS statistics
+    are recomputed from the scores every step). With no matching cache the
+    scores are rebuilt from scratch, with bitwise the same result, so nothing
+    about it needs saving: a resumed run rebuilds it once.
     """
 
     def __init__(self):
         self._key = None
-        self._stats = None
+        self._scores = None
 
     def _get(self, state, x):
         if self._key is None:
             return None
         xr, W, b, labels = self._key
         if xr() is x and W is state.W and b is state.b and labels is state.labels:
-            return self._stats
+            return self._scores
         return None
 
-    def _put(self, state, x, stats):
+    def _put(self, state, x, scores):
         self._key = (weakref.ref(x), state.W, state.b, state.labels)
-        self._stats = stats
+        self._scores = scores
 
     def clear(self):
-        """Forget the cached statistics."""
+        """Forget the cached scores."""
         self._key = None
-        self._stats = None
+        self._scores = None
 
 
 def _width(state) -> int:
@@ -330,9 +331,8 @@ def _build(W, b, k, kw, x, valid, labels, *, mesh, layout):
     return _with_stats(S, valid, labels, mesh=mesh, layout=layout)
 
 
-def _refresh(stats, W, b, cols, x, valid, labels, *, mesh, layout):
-    """Recompute the score columns of classes ``cols`` (host ints), then all statistics from the scores."""
-    S = stats.scores
+def _refresh(S, W, b, cols, x, valid, labels, *, mesh, layout):
+    """Recompute the score columns of classes ``cols`` (host ints) of ``S``, then all statistics from the scores."""
     for Wl, bl, c in _lane_groups(W, b, cols):
         S = _set_columns(S, x, Wl, bl, c, mesh=mesh, layout=layout)
     return _with_stats(S, valid, labels, mesh=mesh, layout=layout)
@@ -347,14 +347,10 @@ def _finish(stats):
 
 
 @jax.jit
-def _drop_class(stats, perm):
-    """Delete one class: columns reordered by ``perm [Kw]`` (deleted class last), last column reset."""
-    kw = perm.shape[0]
-    last = jnp.arange(kw) == kw - 1
-    S = jnp.where(last[None, :], -2.0, stats.scores[:, perm])
-    gram = jnp.where(last[:, None] | last[None, :], 0.0, stats.gram[perm][:, perm])
-    zi = lambda a: jnp.where(last, 0, a[perm])  # noqa: E731
-    return _Stats(S, gram, zi(stats.inter), zi(stats.pred), zi(stats.n_gt), jnp.where(last, 0.0, stats.hinge[perm]))
+def _drop_class(S, perm):
+    """Delete one class's score column: columns reordered by ``perm [Kw]`` (deleted class last), last reset."""
+    last = jnp.arange(perm.shape[0]) == perm.shape[0] - 1
+    return jnp.where(last[None, :], -2.0, S[:, perm])
 
 
 
@@ -525,14 +521,14 @@ def klish_step(state: KlishState, x, valid, *, mesh, layout, lam=5000.0, tol=1e-
         classes = np.arange(k)
     else:
         raise ValueError(f"retrain must be 'merged' or 'all', got {retrain!r}")
-    stats = None if cache is None or retrain == "all" else cache._get(state, x)
+    scores = None if cache is None or retrain == "all" else cache._get(state, x)
     fit = svm.train_ovr_svm(x, valid, state.labels, state.W, state.b, mesh=mesh, layout=layout,
                             lam=lam, tol=tol, max_iter=max_iter, classes=classes, precond=precond,
                             compute_objective=False, solver=solver)
-    if stats is None:
+    if scores is None:
         stats = _build(fit.W, fit.b, k, _width(state), x, valid, state.labels, mesh=mesh, layout=layout)
     else:
-        stats = _refresh(stats, fit.W, fit.b, classes, x, valid, state.labels, mesh=mesh, layout=layout)
+        stats = _refresh(scores, fit.W, fit.b, classes, x, valid, state.labels, mesh=mesh, layout=layout)
     iou, ecos = _finish(stats)
     n = float(np.asarray(state.sizes).sum())
     W_h, b_h = np.asarray(fit.W), np.asarray(fit.b)
@@ -556,7 +552,7 @@ def klish_step(state: KlishState, x, valid, *, mesh, layout, lam=5000.0, tol=1e-
         new_state = state._replace(W=fit.W, b=fit.b, step=state.step + 1,
                                    stale=jnp.zeros((1,), bool))
         if cache is not None:
-            cache._put(new_state, x, stats)
+            cache._put(new_state, x, stats.scores)
         return new_state, record
     # Merge p into q: labels p -> q, indices above p shift down, row p deleted. K-shaped arrays are
     # built on the host and placed with device_put, so no device program is compiled per K.
@@ -582,7 +578,7 @@ def klish_step(state: KlishState, x, valid, *, mesh, layout, lam=5000.0, tol=1e-
     if cache is not None:
         kw = stats.scores.shape[1]
         perm = np.concatenate([np.delete(np.arange(kw), p), [p]]).astype(np.int32)
-        cache._put(new_state, x, _drop_class(stats, perm))
+        cache._put(new_state, x, _drop_class(stats.scores, perm))
     return new_state, record
 
 

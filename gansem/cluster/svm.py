@@ -459,7 +459,7 @@ def _row_buckets(cap: int) -> list:
 
 
 def _gram_rows(X, idx, sgn, rebuild):
-    """``2 [G^T diag(s) G, G^T s; s^T G, sum s]`` for the gathered rows ``G = X[idx]`` (zero-sign rows add nothing).
+    """``[G^T diag(s) G, G^T s; s^T G, sum s]`` for the gathered rows ``G = X[idx]`` (zero-sign rows add nothing).
 
     ``rebuild``: every sign is 0 or +1, so ``G^T G`` (rows with sign 0 are zeroed) replaces ``G^T diag(s) G``.
     """
