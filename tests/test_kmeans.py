@@ -173,13 +173,13 @@ def test_duplicate_rows_fall_back_to_uniform_valid_rows(rng):
     assert len({tuple(r) for r in init}) == 3
 
 
-def test_large_chunks_use_sub_blocks_and_match_numpy(rng):
-    """Chunks above the sub-block size (4096 rows) are split; results still match numpy exactly."""
+def test_large_chunks_match_numpy(rng):
+    """Chunks of 8192 rows (one distance block each) match numpy exactly."""
     n = 8 * 8192
     x, _ = _blobs(rng, n=n, d=3, k=4)
     c = x[:6]
     xs, valid, mesh, layout = _place(x, 8, max_chunk_rows=8192)
-    assert layout.chunk_rows == 8192 and kmeans._sub_blocks(layout.chunk_rows) < layout.chunk_rows
+    assert layout.chunk_rows == 8192
     labels, dist = kmeans.assign(xs, c, mesh=mesh, layout=layout)
     d = ((x[:, None, :].astype(np.float64) - c[None]) ** 2).sum(-1)
     lab = np.asarray(labels)[:n]
@@ -211,7 +211,7 @@ def test_fixed_point_stops_early_with_identical_result(rng):
 
 
 def test_one_and_eight_devices_bitwise_equal_large_chunks(rng):
-    """Device invariance also holds on the sub-block path and for plain k-means++."""
+    """Device invariance also holds for large chunks and plain k-means++."""
     x, _ = _blobs(rng, n=8 * 4200, d=3, k=5)
     out = []
     for n_dev in (1, 8):
@@ -222,3 +222,55 @@ def test_one_and_eight_devices_bitwise_equal_large_chunks(rng):
     a, b = out
     np.testing.assert_array_equal(a.centroids, b.centroids)
     assert a.inertia.tobytes() == b.inertia.tobytes()
+
+
+@pytest.mark.parametrize("n_changed", [0, 1, 4, 10, 40, 200, 250, "first"])
+def test_cluster_delta_every_branch_matches_numpy(rng, n_changed):
+    """The per-chunk change of the cluster sums is exact for each buffer size and the fallbacks.
+
+    256 rows: buffers of 4, 16 and 64 rows; 0-4 changes fit the smallest, 10 the
+    next, 40 the largest, 200 and 250 (every valid row) take the all-rows path; "first" is a chunk
+    never counted before (every old label is the "no cluster" id).
+    """
+    rows, d, k = 256, 7, 5
+    assert kmeans._capacities(rows) == (4, 16, 64)  # 0-4 changes: smallest buffer
+    xc = rng.standard_normal((rows, d)).astype(np.float32)
+    old = rng.integers(0, k, rows).astype(np.int32)
+    old[-6:] = k  # padding rows stay "no cluster"
+    new = old.copy()
+    if n_changed == "first":
+        old = np.full(rows, k, np.int32)
+        new[:] = rng.integers(0, k, rows)
+        new[-6:] = k
+    else:
+        pick = rng.choice(rows - 6, n_changed, replace=False)
+        new[pick] = (old[pick] + rng.integers(1, k, n_changed)) % k
+    ds, dn, nc = jax.jit(kmeans._cluster_delta, static_argnums=3)(xc, new, old, k)
+    want_s = np.zeros((k, d))
+    want_n = np.zeros(k, np.int64)
+    for r in range(rows):
+        if new[r] != old[r]:
+            if new[r] < k:
+                want_s[new[r]] += xc[r]
+                want_n[new[r]] += 1
+            if old[r] < k:
+                want_s[old[r]] -= xc[r]
+                want_n[old[r]] -= 1
+    assert int(nc) == int((new != old).sum())
+    np.testing.assert_array_equal(np.asarray(dn), want_n)
+    np.testing.assert_allclose(np.asarray(ds), want_s, rtol=1e-5, atol=1e-5)
+
+
+def test_lloyd_sums_stay_exact_over_many_iterations(rng):
+    """Sums accumulated from changed rows over many iterations end where fresh sums would (numpy, float64)."""
+    x, _ = _blobs(rng, n=3000, d=6, k=8, spread=1.5)
+    init = x[:8]
+    xs, valid, mesh, layout = _place(x, 8, max_chunk_rows=256)
+    res = kmeans.lloyd(xs, valid, init, mesh=mesh, layout=layout, max_iter=60, tol=0.0)
+    c = init.astype(np.float64)
+    for _ in range(int(res.n_iter)):
+        lab = ((x[:, None, :] - c[None]) ** 2).sum(-1).argmin(1)
+        c = np.stack([x[lab == j].mean(0) if (lab == j).any() else c[j] for j in range(8)])
+    assert int(res.n_iter) > 5
+    np.testing.assert_allclose(np.asarray(res.centroids), c, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(res.counts), np.bincount(lab, minlength=8))

@@ -9,13 +9,16 @@ float32 ``valid [N_pad]`` mask, padded to ``layout.padded_rows`` rows where
 ``layout = sharding.plan_rows(N, n_devices)``. Every sum over rows goes through
 :func:`gansem.sharding.row_reduce` and every per-row map through
 :func:`gansem.sharding.row_map`, so results are bit-identical on 1 and 8 devices.
-Distances are computed one chunk of rows at a time (and within a chunk in
-sub-blocks of at most 4096 rows): the full ``N x K`` distance matrix is never
-materialised. Speed notes (measured in ``benchmarks/bench_kmeans.py``): the
+Distances are computed one chunk of rows at a time: the full ``N x K`` distance
+matrix is never materialised. Speed notes (measured in ``benchmarks/``): the
 distance block is laid out ``[K, rows]`` and reduced with a column ``min``
 followed by a first-index ``min`` (XLA's CPU argmin over the minor axis was the
-slowest part of an iteration); the input check is jitted once (an eager
-``shard_map`` cost ~0.3 s per call); Lloyd stops at an exact fixed point.
+slowest part of an iteration); one block per chunk (a second loop over
+sub-blocks of the chunk cost 1.2-1.4x per iteration); Lloyd updates the cluster
+sums from the rows whose label changed (after the first passes a few percent of
+the rows, so the scatter-add over all N x D values is paid once); the input
+check is jitted once (an eager ``shard_map`` cost ~0.3 s per call); Lloyd stops
+at an exact fixed point.
 
 Metrics:
     ``"euclidean"``: squared Euclidean distance, centroids are cluster means.
@@ -58,9 +61,9 @@ __all__ = [
 
 _METRICS = ("euclidean", "cosine")
 _EPS = 1e-12
-# Sub-block rows of the distance matmuls (a divisor of the chunk rows in this range).
-_SUB_BLOCK_MAX = 4096
-_SUB_BLOCK_MIN = 1024
+# Lloyd's cluster sums are updated from the rows whose label changed, gathered into
+# one of these fractions of a chunk (the smallest that holds them; more: every row).
+_DELTA_FRACTIONS = (64, 16, 4)
 
 
 class KMeansResult(NamedTuple):
@@ -108,37 +111,6 @@ def _prep_centroids(c, metric):
     return c
 
 
-def _sub_blocks(n: int) -> int:
-    """Rows per sub-block for the distance matmul of an ``n``-row chunk.
-
-    The ``[K, rows]`` distance block is kept small enough to stay in cache (2-4k
-    rows measured fastest on CPU, ~1.5x over 12.5k); the block size must divide
-    ``n`` so shapes stay fixed. Returns ``n`` when no divisor in range exists.
-    """
-    if n <= _SUB_BLOCK_MAX:
-        return n
-    for rows in range(_SUB_BLOCK_MAX, _SUB_BLOCK_MIN - 1, -1):
-        if n % rows == 0:
-            return rows
-    return n
-
-
-def _blockwise(fn, *rows, sum_blocks=False):
-    """``fn(*rows)`` evaluated in sub-blocks of rows: outputs concatenated along rows, or,
-    with ``sum_blocks``, summed over the blocks (``fn`` then returns per-block partial sums;
-    cluster sums accumulated block by block stay in cache, ~10 % faster per Lloyd iteration
-    than one scatter-add over the whole chunk). Fixed shapes, fixed order."""
-    n = rows[0].shape[0]
-    b = _sub_blocks(n)
-    if b == n:
-        return fn(*rows)
-    split = tuple(r.reshape((n // b, b) + r.shape[1:]) for r in rows)
-    out = jax.lax.map(lambda r: fn(*r), split)
-    if sum_blocks:
-        return jax.tree.map(lambda o: jnp.sum(o, axis=0), out)
-    return jax.tree.map(lambda o: o.reshape((n,) + o.shape[2:]), out)
-
-
 def _argmin2_t(d):
     """First minimum and second-smallest value of each column of ``d [K, n]``.
 
@@ -173,14 +145,9 @@ def _nearest(xc, centroids):
         ``|x|^2 - 2 x.c + |c|^2`` (one matmul); the returned distance is recomputed
         directly as ``sum((x - c_label)^2)`` so it has no cancellation error.
     """
-    c_sq = jnp.sum(centroids * centroids, axis=-1)  # [K]
-
-    def block(xb):
-        labels = _labels(xb, centroids, c_sq)
-        diff = xb - jnp.take(centroids, labels, axis=0)
-        return labels, jnp.sum(diff * diff, axis=-1)
-
-    return _blockwise(block, xc)
+    labels = _labels(xc, centroids, jnp.sum(centroids * centroids, axis=-1))
+    diff = xc - jnp.take(centroids, labels, axis=0)
+    return labels, jnp.sum(diff * diff, axis=-1)
 
 
 def count_valid(valid, *, mesh, layout) -> int:
@@ -381,16 +348,22 @@ def lloyd(x, valid, centroids, *, mesh, layout, max_iter=20, tol=1e-4, metric="e
     """Lloyd iterations from given centroids.
 
     Stops when the L-inf shift of the centroids in one iteration is below
-    ``tol`` or at a fixed point (an iteration reproduces the previous cluster
-    sums and counts exactly, so every further iteration would repeat it bit for
-    bit; this also ends ``tol=0`` runs early, as scikit-learn's "strict
-    convergence" does), both ``converged=True``, or after ``max_iter``
-    iterations (``converged=False``). Labels, counts and inertia are those of
-    the returned centroids (one final assignment pass).
+    ``tol`` or at a fixed point (no row changes cluster, so every further
+    iteration would repeat the last one bit for bit; this also ends ``tol=0``
+    runs early, as scikit-learn's "strict convergence" does), both
+    ``converged=True``, or after ``max_iter`` iterations (``converged=False``).
+    Labels, counts and inertia are those of the returned centroids (one final
+    assignment pass).
 
     Each iteration is one pass over the rows: per chunk, the ``[K, rows]``
-    distance block (sub-blocks of <= 4096 rows, which stay in cache), the first
-    minimum per column, and the per-cluster sums by ``segment_sum``.
+    distance block, the first minimum per column, and the change of the
+    per-cluster sums and counts. The first pass sums every row (``segment_sum``);
+    later passes gather only the rows whose label changed and move them from the
+    old cluster to the new one (into the smallest of the buffers of 1/64, 1/16 or
+    1/4 of the chunk that holds them; more changes: all rows, masked). The sums
+    are therefore accumulated over iterations rather than recomputed: they agree
+    with fresh sums to float32 rounding, and are bit-identical across device
+    counts (each chunk's branch depends on its own rows only).
 
     Args:
         x: ``[N_pad, D]`` row-sharded features.
@@ -412,27 +385,68 @@ def lloyd(x, valid, centroids, *, mesh, layout, max_iter=20, tol=1e-4, metric="e
     )
 
 
+def _capacities(rows: int) -> tuple[int, ...]:
+    """Compaction sizes for the changed rows of a ``rows``-row chunk (ascending, each < rows)."""
+    caps = sorted({-(-rows // f) for f in _DELTA_FRACTIONS})
+    return tuple(c for c in caps if c < rows)
+
+
+def _cluster_delta(xc, lc, oc, k):
+    """Change of the per-cluster sums and counts of one chunk when its labels go from ``oc`` to ``lc``.
+
+    ``k`` marks "no cluster" (padding rows; every row before the first pass). A
+    chunk seen for the first time (all ``oc == k``) gets its sums directly; later,
+    only the rows whose label changed are gathered (into the smallest of a few
+    fixed sizes that holds them) and moved from the old cluster to the new one.
+    Which branch runs depends on the chunk's data alone, so results are the same
+    on any device count. Returns ``(dsums [K, D], dcounts [K] int32, changed () int32)``.
+    """
+    changed = lc != oc
+    n_changed = jnp.sum(changed.astype(jnp.int32))
+    caps = _capacities(lc.shape[0])
+
+    def fresh():
+        return (jax.ops.segment_sum(xc, lc, num_segments=k),
+                jax.ops.segment_sum(jnp.ones_like(lc), lc, num_segments=k))
+
+    def move(rows, new, old):
+        one = jnp.ones_like(new)
+        return (jax.ops.segment_sum(rows, new, num_segments=k) - jax.ops.segment_sum(rows, old, num_segments=k),
+                jax.ops.segment_sum(one, new, num_segments=k) - jax.ops.segment_sum(one, old, num_segments=k))
+
+    def compact(cap):
+        def run():
+            idx = jnp.nonzero(changed, size=cap, fill_value=0)[0]
+            live = jnp.arange(cap) < n_changed
+            return move(jnp.take(xc, idx, axis=0), jnp.where(live, lc[idx], k), jnp.where(live, oc[idx], k))
+
+        return run
+
+    def every_row():
+        return move(xc, jnp.where(changed, lc, k), jnp.where(changed, oc, k))
+
+    first = jnp.all(oc == k)
+    tier = jnp.where(first, 0, 1 + jnp.searchsorted(jnp.asarray(caps, jnp.int32), n_changed, side="left"))
+    dsums, dcounts = jax.lax.switch(tier, [fresh] + [compact(c) for c in caps] + [every_row])
+    return dsums, dcounts, n_changed
+
+
 @functools.partial(jax.jit, static_argnames=("max_iter", "mesh", "layout", "metric"))
 def _lloyd(x, valid, centroids, tol, *, max_iter, mesh, layout, metric):
     k = centroids.shape[0]
     centroids = _prep_centroids(centroids, metric)
 
-    def stats(xc, vc, c):
-        # One pass over the chunk: nearest centroid, then per-cluster sums (labels never leave).
+    def step(xc, vc, oc, c):
+        # One pass over the chunk: nearest centroid (padding rows get the out-of-range id k),
+        # then the change of the per-cluster sums since the previous labels ``oc``.
         xc = _prep_rows(xc, metric)
         c_sq = jnp.sum(c * c, axis=-1)
+        lc = jnp.where(vc > 0, _labels(xc, c, c_sq), k)
+        return lc, _cluster_delta(xc, lc, oc, k)
 
-        def block(xb, vb):
-            # Padding rows get the out-of-range id k, which segment_sum drops (no masking pass).
-            labels = jnp.where(vb > 0, _labels(xb, c, c_sq), k)
-            return (jax.ops.segment_sum(xb, labels, num_segments=k),
-                    jax.ops.segment_sum(jnp.ones_like(labels), labels, num_segments=k))
-
-        return _blockwise(block, xc, vc, sum_blocks=True)
-
-    def reseed(c, sums, counts):
+    def reseed(c, sums, counts, labels):
         empty = counts == 0
-        labels, dist = sharding.row_map(
+        _, dist = sharding.row_map(
             lambda xc, cc: _nearest(_prep_rows(xc, metric), cc), mesh, layout, (x,), (c,)
         )
         _, far = jax.lax.top_k(jnp.where(valid > 0, dist, -1.0), k)  # farthest rows first
@@ -445,33 +459,35 @@ def _lloyd(x, valid, centroids, tol, *, max_iter, mesh, layout, metric):
         counts = counts - jax.ops.segment_sum(empty.astype(jnp.int32), donors, num_segments=k)
         sums = jnp.where(empty[:, None], rows, sums)
         counts = jnp.where(empty, 1, counts)
-        return sums, counts
+        # The moved rows now belong to the clusters they re-seeded (the next pass starts from these labels).
+        labels = labels.at[jnp.where(empty, pick, labels.shape[0])].set(jnp.arange(k, dtype=labels.dtype),
+                                                                        mode="drop")
+        return sums, counts, labels
 
     def body(carry):
-        c, it, _, prev_sums, prev_counts, _ = carry
-        sums, counts = sharding.row_reduce(stats, mesh, layout, (x, valid), (c,))
-        sums, counts = jax.lax.cond(
-            jnp.any(counts == 0), reseed, lambda c_, s_, n_: (s_, n_), c, sums, counts
+        c, it, _, sums, counts, labels, _ = carry
+        labels, (dsums, dcounts, n_changed) = sharding.row_map_reduce(step, mesh, layout, (x, valid, labels), (c,))
+        # No label changed: a fixed point. The sums, centroids and assignment would repeat
+        # bit for bit, so stopping here gives exactly the result of running on.
+        fixed = (it > 0) & (n_changed == 0)
+        sums, counts = sums + dsums, counts + dcounts
+        sums, counts, labels = jax.lax.cond(
+            jnp.any(counts == 0), reseed, lambda c_, s_, n_, l_: (s_, n_, l_), c, sums, counts, labels
         )
-        # Same sums and counts as the previous iteration: a fixed point. The next
-        # assignment, sums and centroids would repeat bit for bit, so stopping here
-        # gives exactly the result of running on. (Compared on the sums, not on the
-        # centroids, which XLA may round differently in different fusions.)
-        fixed = (it > 0) & jnp.all(sums == prev_sums) & jnp.all(counts == prev_counts)
         new = sums / jnp.maximum(counts, 1).astype(jnp.float32)[:, None]
         new = _prep_centroids(new, metric)
         new = jnp.where(fixed, c, new)
-        return new, it + 1, jnp.max(jnp.abs(new - c)), sums, counts, fixed
+        return new, it + 1, jnp.max(jnp.abs(new - c)), sums, counts, labels, fixed
 
     def cond(carry):
-        _, it, shift, _, _, fixed = carry
+        _, it, shift, _, _, _, fixed = carry
         return (it < max_iter) & (shift >= tol) & ~fixed
 
     dim = centroids.shape[1]
-    c, n_iter, shift, _, _, fixed = jax.lax.while_loop(
+    c, n_iter, shift, _, _, _, fixed = jax.lax.while_loop(
         cond, body,
         (centroids, jnp.int32(0), jnp.float32(jnp.inf), jnp.zeros((k, dim), jnp.float32),
-         jnp.zeros((k,), jnp.int32), jnp.bool_(False)),
+         jnp.zeros((k,), jnp.int32), jnp.full_like(valid, k, dtype=jnp.int32), jnp.bool_(False)),
     )
     labels, dist = sharding.row_map(
         lambda xc, cc: _nearest(_prep_rows(xc, metric), cc), mesh, layout, (x,), (c,)
