@@ -280,10 +280,16 @@ def _stats_chunk(sc, vc, lc):
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "layout"))
+def _stats_of(S, valid, labels, *, mesh, layout):
+    return sharding.row_reduce(_stats_chunk, mesh, layout, (S, valid, labels))
+
+
 def _with_stats(S, valid, labels, *, mesh, layout):
-    """All statistics from the score matrix ``S [N_pad, Kw]``: one pass, one GEMM per row chunk."""
-    gram, inter, pred, ngt, hinge = sharding.row_reduce(_stats_chunk, mesh, layout, (S, valid, labels))
-    return _Stats(S, gram, inter, pred, ngt, hinge)
+    """All statistics from the score matrix ``S [N_pad, Kw]``: one pass, one GEMM per row chunk.
+
+    (``S`` is not passed through the jitted function: returning an input copies it.)
+    """
+    return _Stats(S, *_stats_of(S, valid, labels, mesh=mesh, layout=layout))
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "layout"))
