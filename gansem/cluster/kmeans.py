@@ -111,26 +111,23 @@ def _prep_centroids(c, metric):
     return c
 
 
-def _argmin2_t(d):
-    """First minimum and second-smallest value of each column of ``d [K, n]``.
+def _first_argmin_t(d):
+    """Index of the first minimum of each column of ``d [K, n]`` (int32 ``[n]``).
 
     Same tie rule as ``argmin`` (lowest index), but as two vectorised column
     reductions, which XLA's CPU backend runs much faster than a variadic argmin.
-    Returns ``(labels [n] int32, d1 [n], d2 [n])`` (``d2 = inf`` when K = 1).
     """
     k = d.shape[0]
     iota = jax.lax.broadcasted_iota(jnp.int32, d.shape, 0)
     d1 = jnp.min(d, axis=0)
     labels = jnp.min(jnp.where(d == d1[None, :], iota, k), axis=0)
-    labels = jnp.minimum(labels, k - 1)  # NaN rows: keep a valid id
-    d2 = jnp.min(jnp.where(iota == labels[None, :], jnp.inf, d), axis=0)
-    return labels, d1, d2
+    return jnp.minimum(labels, k - 1)  # NaN rows: keep a valid id
 
 
 def _labels(xb, centroids, c_sq):
     """First nearest centroid of each row of ``xb`` (``c_sq``: squared centroid norms)."""
     d = c_sq[:, None] - 2.0 * (centroids @ xb.T)  # [K, b]; |x|^2 is constant per row
-    return _argmin2_t(d)[0]
+    return _first_argmin_t(d)
 
 
 def _nearest(xc, centroids):
