@@ -146,7 +146,8 @@ def main(argv=None):
     p.add_argument("--solvers", default=None,
                    help="comma list of gansem solvers (default: all but 'joint', the original "
                         "implementation's plain joint L-BFGS, which is slow)")
-    p.add_argument("--skip-sklearn", action="store_true")
+    p.add_argument("--skip-sklearn", action="store_true",
+                   help="time only the gansem solvers (LinearSVC takes minutes per class set)")
     p.add_argument("--sklearn-classes", type=int, default=None,
                    help="fit only this many of the K binary problems and extrapolate the time (default all)")
     p.add_argument("--sklearn-max-iter", type=int, default=1000, help="LIBLINEAR iteration cap (default 1000)")

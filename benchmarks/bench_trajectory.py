@@ -49,9 +49,11 @@ def main(argv=None):
     common.add_common_args(p, n_default=20_000)
     p.set_defaults(repeats=0)
     p.add_argument("--k0", type=int, default=100, help="initial clusters K0 (default 100)")
-    p.add_argument("--lam", type=float, default=5000.0)
-    p.add_argument("--tol", type=float, default=1e-4)
-    p.add_argument("--max-iter", type=int, default=2000)
+    p.add_argument("--lam", type=float, default=5000.0, help="Eq. 3 weight lambda1 (default 5000, the paper's)")
+    p.add_argument("--tol", type=float, default=1e-4,
+                   help="SVM stopping tolerance on the largest weight change, both procedures (default 1e-4)")
+    p.add_argument("--max-iter", type=int, default=2000,
+                   help="SVM iteration cap per solve, both procedures (default 2000)")
     p.add_argument("--no-filter", action="store_true", help="skip the initial-cluster filter")
     p.add_argument("--faithful-steps", type=int, default=None,
                    help="run only this many steps of the faithful procedure (default: all)")

@@ -52,12 +52,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default=None, help="existing DCGAN run (default: make one under --workdir)")
     p.add_argument("--workdir", default="runs/bench-evaluate-dcgan", help="where the run and the evaluation go")
-    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--num-samples", type=int, default=1000,
+                   help="generated images scored by the evaluation (default 1000)")
     p.add_argument("--k", default="12,20,26", help="K values (the run made here keeps ~27 clusters after the initial filter)")
-    p.add_argument("--baselines", default="kmeans,kmeans-arccos,ahc,ahc-cosine,kasp")
+    p.add_argument("--baselines", default="kmeans,kmeans-arccos,ahc,ahc-cosine,kasp",
+                   help="comma list of baselines evaluated beside KLiSH (default: all five)")
     p.add_argument("--run-images", type=int, default=16, help="images clustered by the run made here")
     p.add_argument("--run-k0", type=int, default=40, help="K0 of the run made here")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="images generated per batch during the evaluation (default 8)")
     args = p.parse_args(argv)
 
     run = args.run

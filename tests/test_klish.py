@@ -32,15 +32,18 @@ def _blobs(seed, n=600, d=3, k=4, spread=8.0):
     return (centers[y] + rng.standard_normal((n, d))).astype(np.float32), y
 
 
-def test_iou_and_ecos_match_numpy(rng):
-    n, d, k = 257, 4, 5
+@pytest.mark.parametrize("k", [5, 20])  # statistics over 16 and 32 of the 32 score columns
+def test_iou_and_ecos_match_numpy(rng, k):
+    n, d = 257, 4
     x = rng.standard_normal((n, d)).astype(np.float32)
     y = rng.integers(0, k, n)
     W = rng.standard_normal((k, d)).astype(np.float32)
     b = rng.standard_normal(k).astype(np.float32)
     xs, valid, mesh, layout, ls = _place(x, y, max_chunk_rows=16)
-    iou, ecos, _ = klish.merge_statistics(W, b, xs, valid, ls, mesh=mesh, layout=layout)
+    iou, ecos, hinge = klish.merge_statistics(W, b, xs, valid, ls, mesh=mesh, layout=layout)
     s = x.astype(np.float64) @ W.T + b
+    sign = np.where(y[:, None] == np.arange(k)[None, :], 1.0, -1.0)
+    np.testing.assert_allclose(np.asarray(hinge), (np.maximum(0, 1 - sign * s) ** 2).sum(0), rtol=1e-5)
     ref_iou = []
     for j in range(k):
         pred, gt = s[:, j] > 0, y == j

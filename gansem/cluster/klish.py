@@ -28,10 +28,11 @@ only score column q needs recomputing. :class:`MergeCache` keeps the score
 matrix ``[N_pad, Kw]`` (row-sharded) between steps; a step then costs the solve
 plus one score GEMM of ``_LANES`` columns (``O(N D)``) and one pass over the
 scores that recomputes the counts behind IoU_k (Eq. 4), the hinge sums and the
-ECoS numerator matrix ``sum_i d_ik d_ij`` (Eq. 5; one ``[Kw, N] x [N, Kw]`` GEMM),
+ECoS numerator matrix ``sum_i d_ik d_ij`` (Eq. 5; one ``[w, N] x [N, w]`` GEMM,
+``w`` = K rounded up to ``_STAT_LANES``),
 instead of ``O(N D K)``. Score columns come from products of one fixed shape
 whether updated or rebuilt, the width ``Kw = bucket(K_init)`` is fixed for the
-whole run, and everything else is a function of the scores, so a cache rebuilt
+whole run, and everything else is a function of the scores and K, so a cache rebuilt
 from scratch (resume, or ``cache=None``) is bitwise identical to the updated
 one, and so is the trajectory.
 
@@ -69,7 +70,8 @@ __all__ = [
     "MergeCache",
 ]
 
-_LANES = 32  # classes per score GEMM; the statistics' width Kw is a multiple of it
+_LANES = 32  # classes per score GEMM; the score matrix's width Kw is a multiple of it
+_STAT_LANES = 16  # the statistics cover the first K columns rounded up to a multiple of this
 
 
 class KlishState(NamedTuple):
@@ -201,9 +203,10 @@ class _Stats(NamedTuple):
 
     Attributes:
         scores: ``[N_pad, Kw] float32`` row-sharded SVM scores (padding columns -2).
-        gram: ``[Kw, Kw] float32`` ECoS numerators ``sum_i d_ik d_ij``.
-        inter, pred, n_gt: ``[Kw] int32`` counts behind Eq. 4.
-        hinge: ``[Kw] float32`` per-class squared-hinge sums.
+        gram: ``[w, w] float32`` ECoS numerators ``sum_i d_ik d_ij`` of the first
+            ``w = _stats_width(K) <= Kw`` columns (so are the vectors below).
+        inter, pred, n_gt: ``[w] int32`` counts behind Eq. 4.
+        hinge: ``[w] float32`` per-class squared-hinge sums.
     """
 
     scores: jax.Array
@@ -258,38 +261,58 @@ def _score_block(x, Wl, bl, *, mesh, layout):
     return sharding.row_map(lambda xc, W, b: svm_scores(W, b, xc), mesh, layout, (x,), (Wl, bl))
 
 
-def _stats_chunk(sc, vc, lc):
-    """Statistics of every score column of one chunk ``sc [c, Kw]`` (column j belongs to class j).
+def _stats_width(k: int) -> int:
+    """Columns the statistics cover for ``k`` classes: ``k`` rounded up to ``_STAT_LANES``."""
+    return -(-k // _STAT_LANES) * _STAT_LANES
+
+
+def _stats_chunk(sc, vc, lc, *, width):
+    """Statistics of the first ``width`` score columns of one chunk ``sc [c, Kw]`` (column j: class j).
 
     Returns the ECoS numerators ``d^T d`` of the score maps ``d = clamp((s + 1) / 2, 0, 1)``
     (one GEMM), the Eq. 4 counts and the squared-hinge sums. Padding columns (scores -2)
-    contribute nothing.
+    contribute nothing. Only two quantities need every entry of the block (the positive
+    count and ``max(0, 1 + s)^2``, the hinge of a negative example); the terms that
+    involve a row's own class come from that one score per row, gathered and summed by
+    class with a one-hot product (exact for the counts, and deterministic on every backend,
+    unlike a scatter-add).
     """
-    kw = sc.shape[1]
-    ok = (vc > 0)[:, None]
-    gt = (lc[:, None] == jnp.arange(kw, dtype=lc.dtype)[None, :]) & ok
-    pos = (sc > 0) & ok
-    y = jnp.where(gt, 1.0, -1.0)
-    m = jnp.maximum(0.0, 1.0 - y * sc) * vc[:, None]
+    sc = sc[:, :width]
+    valid = vc > 0
+    own_ok = valid & (lc >= 0) & (lc < width)
+    lab = jnp.clip(lc, 0, width - 1)
     d = jnp.clip((sc + 1.0) * 0.5, 0.0, 1.0) * vc[:, None]
+    neg = jnp.maximum(0.0, 1.0 + sc) * vc[:, None]
+    pos = jnp.where(sc > 0, vc[:, None], 0.0)
     # Column sums as vector-matrix products (XLA:CPU's column reductions are ~2x slower); counts are
     # exact in float32 per chunk (< 2^24 rows) and summed over chunks as int32.
     one = jnp.ones((sc.shape[0],), jnp.float32)
-    count = lambda a: (one @ a.astype(jnp.float32)).astype(jnp.int32)  # noqa: E731
-    return d.T @ d, count(pos & gt), count(pos), count(gt), one @ (m * m)
+    own = jnp.take_along_axis(sc, lab[:, None], axis=1)[:, 0]
+    per_row = jnp.stack([jnp.ones_like(own), (own > 0).astype(jnp.float32),
+                         jnp.maximum(0.0, 1.0 - own) ** 2 - jnp.maximum(0.0, 1.0 + own) ** 2], axis=0)
+    onehot = ((lab[:, None] == jnp.arange(width, dtype=lab.dtype)[None, :])
+              & own_ok[:, None]).astype(jnp.float32)
+    by_class = per_row @ onehot  # [3, width]: rows of the class, its positives, hinge correction
+    inter, n_gt = by_class[1].astype(jnp.int32), by_class[0].astype(jnp.int32)
+    return d.T @ d, inter, (one @ pos).astype(jnp.int32), n_gt, one @ (neg * neg) + by_class[2]
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "layout"))
-def _stats_of(S, valid, labels, *, mesh, layout):
-    return sharding.row_reduce(_stats_chunk, mesh, layout, (S, valid, labels))
+@functools.partial(jax.jit, static_argnames=("width", "mesh", "layout"))
+def _stats_of(S, valid, labels, *, width, mesh, layout):
+    return sharding.row_reduce(functools.partial(_stats_chunk, width=width), mesh, layout,
+                               (S, valid, labels))
 
 
-def _with_stats(S, valid, labels, *, mesh, layout):
-    """All statistics from the score matrix ``S [N_pad, Kw]``: one pass, one GEMM per row chunk.
+def _with_stats(S, k, valid, labels, *, mesh, layout):
+    """Statistics of classes ``0..k-1`` from the score matrix ``S [N_pad, Kw]``: one pass, one GEMM per row chunk.
 
-    (``S`` is not passed through the jitted function: returning an input copies it.)
+    They cover ``_stats_width(k)`` columns, so the Gram matrix shrinks as classes merge
+    and a merge step compiles a new program only when ``k`` crosses a multiple of
+    ``_STAT_LANES``. (``S`` is not passed through the jitted function: returning an
+    input copies it.)
     """
-    return _Stats(S, *_stats_of(S, valid, labels, mesh=mesh, layout=layout))
+    return _Stats(S, *_stats_of(S, valid, labels, width=min(_stats_width(k), S.shape[1]),
+                                mesh=mesh, layout=layout))
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "layout"))
@@ -334,14 +357,14 @@ def _build(W, b, k, kw, x, valid, labels, *, mesh, layout):
     Wg = np.stack([g[0] for g in groups])
     bg = np.stack([g[1] for g in groups])
     S = _build_scores(x, Wg, bg, mesh=mesh, layout=layout)
-    return _with_stats(S, valid, labels, mesh=mesh, layout=layout)
+    return _with_stats(S, k, valid, labels, mesh=mesh, layout=layout)
 
 
 def _refresh(S, W, b, cols, x, valid, labels, *, mesh, layout):
     """Recompute the score columns of classes ``cols`` (host ints) of ``S``, then all statistics from the scores."""
     for Wl, bl, c in _lane_groups(W, b, cols):
         S = _set_columns(S, x, Wl, bl, c, mesh=mesh, layout=layout)
-    return _with_stats(S, valid, labels, mesh=mesh, layout=layout)
+    return _with_stats(S, int(W.shape[0]), valid, labels, mesh=mesh, layout=layout)
 
 
 @jax.jit
