@@ -441,11 +441,14 @@ def _lloyd(x, valid, centroids, tol, *, max_iter, mesh, layout, metric):
         lc = jnp.where(vc > 0, _labels(xc, c, c_sq), k)
         return lc, _cluster_delta(xc, lc, oc, k)
 
+    def own_dist(xc, lc, cc):
+        # Distance of each row to the centroid it was just assigned (labels are carried: no second argmin).
+        diff = _prep_rows(xc, metric) - jnp.take(cc, jnp.minimum(lc, k - 1), axis=0)
+        return jnp.sum(diff * diff, axis=-1)
+
     def reseed(c, sums, counts, labels):
         empty = counts == 0
-        _, dist = sharding.row_map(
-            lambda xc, cc: _nearest(_prep_rows(xc, metric), cc), mesh, layout, (x,), (c,)
-        )
+        dist = sharding.row_map(own_dist, mesh, layout, (x, labels), (c,))
         _, far = jax.lax.top_k(jnp.where(valid > 0, dist, -1.0), k)  # farthest rows first
         rank = jnp.clip(jnp.cumsum(empty) - 1, 0, k - 1)
         pick = far[rank]  # [K] row index for each cluster (used only where empty)
