@@ -25,16 +25,22 @@ Lloyd from the kept centroids.
 
 Incremental statistics (exact). After merging p into q only w_q changes, so
 only score column q needs recomputing. :class:`MergeCache` keeps the score
-matrix ``[N_pad, Kw]`` (row-sharded) between steps; a step then costs the solve
-plus one score GEMM of ``_LANES`` columns (``O(N D)``) and one pass over the
-scores that recomputes the counts behind IoU_k (Eq. 4), the hinge sums and the
-ECoS numerator matrix ``sum_i d_ik d_ij`` (Eq. 5; one ``[w, N] x [N, w]`` GEMM,
-``w`` = K rounded up to ``_STAT_LANES``),
-instead of ``O(N D K)``. Score columns come from products of one fixed shape
-whether updated or rebuilt, the width ``Kw = bucket(K_init)`` is fixed for the
-whole run, and everything else is a function of the scores and K, so a cache rebuilt
-from scratch (resume, or ``cache=None``) is bitwise identical to the updated
-one, and so is the trajectory.
+matrix ``[N_pad, Kw]`` (row-sharded, ``Kw = K_init`` for the whole run) between
+steps; a step then costs the solve plus one score GEMM of ``_LANES`` columns
+(``O(N D)``) and one pass over the scores that recomputes the counts behind
+IoU_k (Eq. 4), the hinge sums and the ECoS numerator matrix ``sum_i d_ik d_ij``
+(Eq. 5; one ``[w, N] x [N, w]`` GEMM, ``w`` = K rounded up to ``_STAT_LANES``),
+instead of ``O(N D K)``.
+
+Two GEMM shapes produce score columns: the *build* ``[chunk, D] x [D, Kw]`` (all
+classes at once, at the first step) and the *update* ``[chunk, D] x [D, _LANES]``
+(the re-solved class of a merge step). A column's bits depend only on its
+classifier and on which of the two produced it, not on its lane, and which one
+produced it is known from the state: the build for the initial clusters (ids
+``< K_init``, never re-solved after the first step), the update for every
+cluster made by a merge. A cache rebuilt from scratch (resume, or ``cache=None``)
+recomputes each column with the same shape that produced it, so it is bitwise
+identical to the updated one, and so is the trajectory.
 
 Everything per row goes through :mod:`gansem.sharding` (``row_reduce``/``row_map``),
 so the merge sequence is bit-identical on 1 and 8 devices.
@@ -70,7 +76,7 @@ __all__ = [
     "MergeCache",
 ]
 
-_LANES = 32  # classes per score GEMM; the score matrix's width Kw is a multiple of it
+_LANES = 16  # classes per score GEMM of a merge step's update (the build computes all Kw at once)
 _STAT_LANES = 16  # the statistics cover the first K columns rounded up to a multiple of this
 
 
@@ -140,15 +146,16 @@ def svm_scores(W, b, x):
     return x @ W.T + b
 
 
-def _bucket(k: int) -> int:
-    return -(-k // _LANES) * _LANES
+def _bucket(k: int, m: int = 32) -> int:
+    return -(-k // m) * m
 
 
 def merge_statistics(W, b, x, valid, labels, *, mesh, layout):
     """IoU (Eq. 4), ECoS (Eq. 5) and per-class squared-hinge sums, from scratch.
 
-    Uses the kernels of the merge loop's incremental statistics (32 classes per
-    score GEMM), so these values are bitwise those the loop computes.
+    Uses the kernels of the merge loop (one score GEMM over all K classes, then
+    the statistics pass), so at the loop's first step (``K = K_init``) these values
+    are bitwise those the loop computes.
 
     Args:
         W: ``[K, D]``; b: ``[K]``.
@@ -160,7 +167,7 @@ def merge_statistics(W, b, x, valid, labels, *, mesh, layout):
         union has IoU 0; a score map that is 0 everywhere has ECoS 0 with all.
     """
     k = W.shape[0]
-    stats = _build(W, b, k, _bucket(k), x, valid, labels, mesh=mesh, layout=layout)
+    stats = _build(W, b, k, k, (), x, valid, labels, mesh=mesh, layout=layout)
     iou, ecos = _finish(stats)
     return iou[:k], ecos[:k, :k], stats.hinge[:k]
 
@@ -251,13 +258,20 @@ class MergeCache:
 
 
 def _width(state) -> int:
-    """Column count of the statistics for the whole run: ``bucket(K_init)`` (``K_init = K + steps``)."""
-    return _bucket(int(state.W.shape[0]) + int(state.step))
+    """Column count of the score matrix for the whole run: ``K_init = K + steps``."""
+    return int(state.W.shape[0]) + int(state.step)
+
+
+def _updated_classes(state, retrain) -> np.ndarray:
+    """Classes whose score column the merge loop last computed by an update: those made by a merge."""
+    if retrain != "merged":  # every step rebuilds all columns
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(np.asarray(state.ids) >= _width(state))
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "layout"))
 def _score_block(x, Wl, bl, *, mesh, layout):
-    """Scores of ``_LANES`` classifiers ``Wl [L, D]``, ``bl [L]``: ``[N_pad, L]`` (one fixed-shape GEMM per chunk)."""
+    """Scores of classifiers ``Wl [L, D]``, ``bl [L]``: ``[N_pad, L]`` (one fixed-shape GEMM per chunk)."""
     return sharding.row_map(lambda xc, W, b: svm_scores(W, b, xc), mesh, layout, (x,), (Wl, bl))
 
 
@@ -317,46 +331,40 @@ def _with_stats(S, k, valid, labels, *, mesh, layout):
 
 @functools.partial(jax.jit, static_argnames=("mesh", "layout"))
 def _set_columns(S, x, Wl, bl, cols, *, mesh, layout):
-    """``S`` with the score columns ``cols [L]`` (``-1`` = unused lane) recomputed."""
-    blk = _score_block(x, Wl, bl, mesh=mesh, layout=layout)  # [N_pad, L]
-    tgt = jnp.where(cols >= 0, cols, S.shape[1])  # unused lanes are dropped
-    return S.at[:, tgt].set(blk, mode="drop")
+    """``S`` with columns ``cols [m]`` set to the first ``m`` lanes of the update GEMM ``x Wl^T + bl`` (``Wl [_LANES, D]``)."""
+    blk = _score_block(x, Wl, bl, mesh=mesh, layout=layout)  # [N_pad, _LANES]: the shape fixes the bits
+    return S.at[:, cols].set(blk[:, : cols.shape[0]], unique_indices=True)
 
 
 def _lane_groups(W, b, cols):
-    """Host-side ``(Wl [L, D], bl [L], c [L])`` groups of the classes ``cols``, ``_LANES`` at a time."""
+    """Host-side ``(Wl [L, D], bl [L], cols [m])`` update groups of the classes ``cols``, ``L = _LANES`` at a time."""
     W = np.asarray(W, np.float32)  # gathered on the host: no device program per K
     b = np.asarray(b, np.float32)
     cols = np.asarray(cols, np.int64)
     for s in range(0, cols.size, _LANES):
-        c = np.full(_LANES, -1, np.int32)
-        c[: min(_LANES, cols.size - s)] = cols[s:s + _LANES]
-        use = c >= 0
-        yield (np.where(use[:, None], W[np.maximum(c, 0)], np.float32(0.0)),
-               np.where(use, b[np.maximum(c, 0)], np.float32(-2.0)), c)
+        c = cols[s:s + _LANES]
+        Wl = np.zeros((_LANES, W.shape[1]), np.float32)
+        bl = np.full(_LANES, -2.0, np.float32)
+        Wl[: c.size], bl[: c.size] = W[c], b[c]
+        yield Wl, bl, c.astype(np.int32)
 
 
-def _build_chunk(xc, Wg, bg):
-    # The lane groups' GEMMs one after the other on the same chunk of x (read from cache).
-    return jnp.concatenate([svm_scores(Wg[i], bg[i], xc) for i in range(Wg.shape[0])], axis=1)
-
-
-@functools.partial(jax.jit, static_argnames=("mesh", "layout"))
-def _build_scores(x, Wg, bg, *, mesh, layout):
-    return sharding.row_map(_build_chunk, mesh, layout, (x,), (Wg, bg))
-
-
-def _build(W, b, k, kw, x, valid, labels, *, mesh, layout):
+def _build(W, b, k, kw, updated, x, valid, labels, *, mesh, layout):
     """Statistics of classes ``0..k-1`` in ``kw`` columns from scratch: bitwise what :func:`_refresh` keeps.
 
-    Every score column comes from a product of the same shape as in an update,
-    ``[chunk, D] x [D, _LANES]`` (a column's bits do not depend on its lane), and
-    the rest is a function of the scores.
+    One ``[chunk, D] x [D, kw]`` GEMM scores every class (padding columns: weights
+    0, bias -2); the columns of ``updated`` (host ints: the classes the merge loop
+    last scored with an update) are then recomputed with the update GEMM, so every
+    column has the bits of the product that produced it in the loop (a column's
+    bits do not depend on its lane). The rest is a function of the scores.
     """
-    groups = list(_lane_groups(W, b, np.where(np.arange(kw) < k, np.arange(kw), -1)))
-    Wg = np.stack([g[0] for g in groups])
-    bg = np.stack([g[1] for g in groups])
-    S = _build_scores(x, Wg, bg, mesh=mesh, layout=layout)
+    W = np.asarray(W, np.float32)
+    Wp = np.zeros((kw, W.shape[1]), np.float32)
+    bp = np.full(kw, -2.0, np.float32)
+    Wp[:k], bp[:k] = W, np.asarray(b, np.float32)
+    S = _score_block(x, Wp, bp, mesh=mesh, layout=layout)
+    for Wl, bl, c in _lane_groups(W, b, updated):
+        S = _set_columns(S, x, Wl, bl, c, mesh=mesh, layout=layout)
     return _with_stats(S, k, valid, labels, mesh=mesh, layout=layout)
 
 
@@ -555,7 +563,8 @@ def klish_step(state: KlishState, x, valid, *, mesh, layout, lam=5000.0, tol=1e-
                             lam=lam, tol=tol, max_iter=max_iter, classes=classes, precond=precond,
                             compute_objective=False, solver=solver)
     if scores is None:
-        stats = _build(fit.W, fit.b, k, _width(state), x, valid, state.labels, mesh=mesh, layout=layout)
+        stats = _build(fit.W, fit.b, k, _width(state), _updated_classes(state, retrain), x, valid,
+                       state.labels, mesh=mesh, layout=layout)
     else:
         stats = _refresh(scores, fit.W, fit.b, classes, x, valid, state.labels, mesh=mesh, layout=layout)
     iou, ecos = _finish(stats)
