@@ -125,3 +125,10 @@ def test_bench_trajectory_smoke(tmp_path):
     assert len(res["gansem"]["merges"]) == res["init"]["k_init"]
     assert res["faithful"]["steps_run"] == 1 and not res["faithful"]["complete"]
     assert res["merge_sequences"]["compared_steps"] == 1
+    ref = res["exact_reference"]  # the untimed Newton run to tol 1e-7, compared with both procedures
+    assert len(ref["merges"]) == res["init"]["k_init"] and len(ref["converged"]) == len(ref["merges"])
+    assert 0 <= ref["faithful_agreeing_prefix"] <= 1
+    assert ref["gansem_agreeing_prefix"] <= len(ref["merges"])
+    assert ref["shared_steps"] == min(ref["gansem_agreeing_prefix"], ref["faithful_agreeing_prefix"])
+    if ref["shared_steps"]:
+        assert ref["max_w_err_gansem"] >= 0 and ref["max_w_err_faithful"] >= 0
