@@ -119,7 +119,7 @@ def main(argv=None):
     # -- faithful original procedure ----------------------------------------------------
     step_kw = dict(kw, retrain="all", precond=precond, solver=args.faithful_solver)
     limit = n_steps if args.faithful_steps is None else min(n_steps, args.faithful_steps)
-    f_times, f_records = [], []
+    f_times, f_records, cache_clears = [], [], []
     state = state0
     with common.PeakRSS() as mem_f:
         for i in range(limit):
@@ -128,6 +128,13 @@ def main(argv=None):
             common.block(state.W)
             f_times.append(time.perf_counter() - t)
             f_records.append(rec)
+            used = common.memory_maps_used()
+            if used is not None and used > 0.8:  # ~550 maps per step at N = 20k: K0 = 100 nears 65530
+                jax.clear_caches()
+                gc.collect()
+                cache_clears.append(i + 1)
+                print(f"  (memory maps at {used:.0%} of vm.max_map_count: compiled programs dropped "
+                      f"after step {i + 1}; later steps recompile what they share)", flush=True)
             print(f"  faithful step {i + 1}/{limit}: K={rec.k} merge {rec.p}->{rec.q} "
                   f"({f_times[-1]:.1f} s, {rec.svm_iters} it, {rec.svm_stop_reason})", flush=True)
     f_total = float(np.sum(f_times))
@@ -195,7 +202,8 @@ def main(argv=None):
         "faithful": {"total_s_measured": f_total, "total_s_estimate": f_est, "complete": complete,
                      "steps_run": limit, "step_s": f_times, "merges": fs, "peak_rss_mib": mem_f.mib,
                      "svm_iters": [int(r.svm_iters) for r in f_records],
-                     "svm_converged": [bool(r.svm_converged) for r in f_records]},
+                     "svm_converged": [bool(r.svm_converged) for r in f_records],
+                     "compile_cache_cleared_after_steps": cache_clears},
         "ratios": {"total": total_ratio, "prefix": prefix_ratio, "speedup": 1.0 / total_ratio if total_ratio else None},
         "merge_sequences": {"compared_steps": common_len, "agreeing_prefix": agree_prefix, "identical": same,
                             "gansem_margins": g_m, "faithful_margins": f_m},
@@ -208,9 +216,9 @@ def main(argv=None):
     e_records = []
     if args.exact_tol > 0:
         # The faithful joint solve compiled one program per K and XLA keeps compiled code mapped
-        # until it is dropped; with the reference's programs on top, a full run (K0 = 100) died in
-        # LLVM with "Cannot allocate memory" at 3.4 GiB resident of 24 GiB (most likely the kernel's
-        # limit on memory maps, vm.max_map_count = 65530). Drop the compiled programs first.
+        # until it is dropped (common.memory_maps_used); with the reference's programs on top, a
+        # full run (K0 = 100) hit vm.max_map_count = 65530 and died in LLVM ("Cannot allocate
+        # memory") at 3.4 GiB resident of 24 GiB. Drop the compiled programs first.
         jax.clear_caches()
         gc.collect()
         t = time.perf_counter()

@@ -51,6 +51,7 @@ __all__ = [
     "block",
     "PeakRSS",
     "peak_rss_mib",
+    "memory_maps_used",
     "machine_info",
     "write_json",
     "print_table",
@@ -250,6 +251,23 @@ def peak_rss_mib() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def memory_maps_used() -> Optional[float]:
+    """Fraction of the kernel's per-process memory-map limit (``vm.max_map_count``) in use; None off Linux.
+
+    XLA keeps every compiled program mapped for the life of the process (several maps each),
+    so a run that compiles one program per K (the faithful joint solve) can reach the limit,
+    after which LLVM fails with "Cannot allocate memory" and the process dies.
+    """
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps") as f:
+            used = sum(1 for _ in f)
+    except (OSError, ValueError):
+        return None
+    return used / limit if limit > 0 else None
 
 
 # -- reporting ------------------------------------------------------------------------

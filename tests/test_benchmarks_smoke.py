@@ -23,6 +23,16 @@ def _load(path):
         return json.load(f)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_memory_maps_used_is_a_fraction_of_the_limit():
+    used = common.memory_maps_used()
+    with open("/proc/self/maps") as f:
+        n = sum(1 for _ in f)
+    with open("/proc/sys/vm/max_map_count") as f:
+        limit = int(f.read())
+    assert 0 < used < 1 and abs(used - n / limit) < 50 / limit
+
+
 def test_common_helpers(tmp_path, capsys):
     x, y = common.gaussian_mixture(500, 7, k=5, seed=1)
     assert x.shape == (500, 7) and x.dtype == np.float32 and y.shape == (500,)
