@@ -168,9 +168,9 @@ def main(argv=None):
                    help="gansem k-means++ candidates per step (default 2 + ln K, as scikit-learn)")
     p.add_argument("--skip", default="", help="comma list of baselines to skip: sklearn,faiss")
     p.add_argument("--baseline-threads", type=int, default=0,
-                   help="threads for scikit-learn/OpenBLAS/OpenMP and faiss (0: library defaults). On a "
-                        "machine shared with other jobs OpenBLAS/OpenMP spin-waiting can make 1 thread "
-                        "much faster than 2")
+                   help="threads for scikit-learn/OpenBLAS/OpenMP and faiss while they run (0: library "
+                        "defaults; gansem always runs with the defaults). On a machine shared with other jobs "
+                        "OpenBLAS/OpenMP spin-waiting can make 1 thread much faster than 2")
     p.add_argument("--seeds", type=int, default=1,
                    help="init seeds; the inertia reported is the mean over them (timings: first seed)")
     p.add_argument("--no-same-init", action="store_true", help="skip the same-init Lloyd comparison")
@@ -184,8 +184,6 @@ def main(argv=None):
 
     x, data = common.load_data(args)
     print(f"data {data}")
-    if args.baseline_threads > 0:
-        common.limit_baseline_threads(args.baseline_threads)
     runners = {"gansem": run_gansem, "sklearn": run_sklearn, "faiss": run_faiss}
     names = [n for n in runners if n not in skip]
     seeds = [args.seed + i for i in range(args.seeds)]
@@ -195,7 +193,8 @@ def main(argv=None):
         # Timed repeats on the first seed; further seeds run once, for the inertia mean.
         reps = args.repeats if i == 0 else 0
         for n in names:
-            out = runners[n](x, args, seed, reps)
+            with common.baseline_threads(0 if n == "gansem" else args.baseline_threads):
+                out = runners[n](x, args, seed, reps)
             if n == "gansem":
                 out, init_s = out
                 init = init if init is not None else init_s
@@ -213,7 +212,8 @@ def main(argv=None):
                                                             "per_iter_cpu_s")}
         same["gansem"]["inertia"] = results["gansem"]["inertia_seed0"]
         for n in names[1:]:
-            same[n] = runners[n](x, args, args.seed, args.repeats, init=init)
+            with common.baseline_threads(args.baseline_threads):
+                same[n] = runners[n](x, args, args.seed, args.repeats, init=init)
 
     g = results["gansem"]
     rows = []

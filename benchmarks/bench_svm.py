@@ -154,7 +154,8 @@ def main(argv=None):
     p.add_argument("--sklearn-tol", type=float, default=1e-4, help="LIBLINEAR tolerance (default 1e-4)")
     p.add_argument("--intercept-scaling", type=float, default=1000.0,
                    help="LinearSVC intercept_scaling (large: the intercept is effectively unpenalised)")
-    p.add_argument("--baseline-threads", type=int, default=0, help="threads for scikit-learn (0: default)")
+    p.add_argument("--baseline-threads", type=int, default=0,
+                   help="threads for scikit-learn while it runs (0: default; gansem always runs with the defaults)")
     args = p.parse_args(argv)
     common.setup_devices(args.devices)
 
@@ -164,8 +165,6 @@ def main(argv=None):
 
     x, data = common.load_data(args)
     print(f"data {data}")
-    if args.baseline_threads > 0:
-        common.limit_baseline_threads(args.baseline_threads)
     n, dim = x.shape
     k = args.k
     xs, valid, mesh, layout = common.place(x, args.devices)
@@ -192,7 +191,8 @@ def main(argv=None):
     m = k if args.sklearn_classes is None else max(1, min(k, args.sklearn_classes))
     classes = np.unique(np.linspace(0, k - 1, m).round().astype(int))
     if not args.skip_sklearn:
-        W, b, info = run_sklearn(x, labels, k, classes, args)
+        with common.baseline_threads(args.baseline_threads):
+            W, b, info = run_sklearn(x, labels, k, classes, args)
         if not info["extrapolated"]:
             f = class_objectives64(x, labels, W, b, args.lam)
             info["objective"] = float(f.mean())

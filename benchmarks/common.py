@@ -24,6 +24,7 @@ possible it falls back to ``resource.getrusage`` (peak of the whole process).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -42,7 +43,7 @@ __all__ = [
     "DATASETS",
     "add_common_args",
     "setup_devices",
-    "limit_baseline_threads",
+    "baseline_threads",
     "gaussian_mixture",
     "dcgan_features",
     "load_data",
@@ -86,20 +87,35 @@ def setup_devices(n: int) -> None:
         sharding.simulate_cpu_devices(n)
 
 
-def limit_baseline_threads(n: int) -> None:
-    """Limit the thread pools of the non-JAX baselines (OpenBLAS, OpenMP, faiss) to ``n``."""
+@contextlib.contextmanager
+def baseline_threads(n: int):
+    """Within the block, limit the thread pools of the non-JAX baselines (OpenBLAS, OpenMP, faiss) to ``n``.
+
+    ``n <= 0`` changes nothing. The previous limits come back on exit: they are
+    process-wide, and jaxlib's CPU LAPACK kernels (Cholesky, triangular solves)
+    run on scipy's OpenBLAS, so a limit left in place would also slow gansem's
+    solvers and change the last bits of their results in whatever runs next.
+    """
+    if n <= 0:
+        yield
+        return
+    stack = contextlib.ExitStack()
     try:
         from threadpoolctl import threadpool_limits
 
-        threadpool_limits(n)  # process-wide until changed
+        stack.enter_context(threadpool_limits(n))
     except ImportError:  # pragma: no cover
         pass
     try:
         import faiss
 
+        before = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(n)
-    except ImportError:  # pragma: no cover
+        stack.callback(faiss.omp_set_num_threads, before)
+    except ImportError:
         pass
+    with stack:
+        yield
 
 
 # -- data -----------------------------------------------------------------------------

@@ -33,6 +33,24 @@ def test_memory_maps_used_is_a_fraction_of_the_limit():
     assert 0 < used < 1 and abs(used - n / limit) < 50 / limit
 
 
+def test_baseline_thread_limit_ends_with_its_block():
+    """The limit for the baselines must not outlive them: jaxlib's CPU LAPACK runs on scipy's OpenBLAS."""
+    import scipy.linalg  # noqa: F401  (loads scipy's OpenBLAS)
+    from threadpoolctl import threadpool_info
+
+    def threads():
+        return {i["filepath"]: i["num_threads"] for i in threadpool_info()}
+
+    before = threads()
+    if max(before.values()) < 2:
+        pytest.skip("every thread pool already has one thread; a leaked limit would not show")
+    with common.baseline_threads(1):
+        assert set(threads().values()) == {1}
+    assert threads() == before
+    with common.baseline_threads(0):
+        assert threads() == before
+
+
 def test_common_helpers(tmp_path, capsys):
     x, y = common.gaussian_mixture(500, 7, k=5, seed=1)
     assert x.shape == (500, 7) and x.dtype == np.float32 and y.shape == (500,)
