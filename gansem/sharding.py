@@ -41,6 +41,7 @@ __all__ = [
     "row_reduce",
     "row_map",
     "row_map_reduce",
+    "row_products",
 ]
 
 DATA_AXIS = "data"
@@ -337,3 +338,31 @@ def row_map(fn, mesh, layout: RowLayout, row_args, bcast_args=()):
     row's result is bit-identical across device counts.
     """
     return _chunked(lambda *a: (fn(*a), ()), mesh, layout, row_args, bcast_args)[0]
+
+
+def row_products(x, w, mesh, layout: RowLayout):
+    """``x @ w.T`` for row-sharded ``x [N_pad, D]`` and replicated ``w [L, D]``, chunk by chunk.
+
+    One batched matrix product over a device's chunks (``[chunks, rows, D] x
+    [chunks, L, D]``): every chunk is multiplied in place with the chunk's own
+    shape, so each row's products are bit-identical across device counts, as with
+    :func:`row_map`, but no chunk is copied out first. For a few columns ``L``
+    (k-means++ candidates) that copy costs more than the product itself.
+
+    Returns:
+        ``[N_pad, L]`` row-sharded.
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    _check_layout(mesh, layout)
+    n_local = layout.num_chunks // mesh.devices.size
+
+    def local(xl, wl):
+        xc = xl.reshape((n_local, layout.chunk_rows) + xl.shape[1:])
+        out = jnp.einsum("grd,gld->grl", xc, jnp.broadcast_to(wl, (n_local,) + wl.shape))
+        return out.reshape((n_local * layout.chunk_rows, wl.shape[0]))
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(DATA_AXIS), P()), out_specs=P(DATA_AXIS),
+                         check_vma=False)(x, w)

@@ -121,6 +121,23 @@ def test_one_and_eight_devices_bitwise_equal(rng):
     assert int(a.n_iter) == int(b.n_iter)
 
 
+def test_row_products_equal_the_per_chunk_product_on_every_device_count(rng):
+    """The k-means++ candidate products (no chunk copies) keep row_map's bits and its device invariance."""
+    import jax.numpy as jnp
+
+    x = rng.standard_normal((3000, 300)).astype(np.float32)
+    w = jnp.asarray(rng.standard_normal((6, 300)).astype(np.float32))
+    first = None
+    for n_dev in (1, 2, 8):
+        xs, valid, mesh, layout = _place(x, n_dev, max_chunk_rows=512)
+        got = np.asarray(sharding.row_products(xs, w, mesh, layout))
+        per_chunk = jax.jit(lambda a, b: sharding.row_map(lambda xc, wc: xc @ wc.T, mesh, layout, (a,), (b,)))
+        np.testing.assert_array_equal(got, np.asarray(per_chunk(xs, w)))
+        np.testing.assert_allclose(got[:3000], x @ np.asarray(w).T, rtol=1e-4, atol=1e-3)
+        first = got if first is None else first
+        np.testing.assert_array_equal(got, first)
+
+
 def test_dsquared_sampling_matches_probabilities(rng):
     """Inverse-CDF sampling picks row i with probability mass_i / sum(mass), never a zero-mass row."""
     import jax.numpy as jnp
