@@ -320,7 +320,11 @@ def _kmeans_pp(key, x, valid, *, k, trials, mesh, layout, metric):
             return sharding.row_map(chunk, mesh, layout, (x, x_sq, d), (cand, c_sq))
         # Several candidates: the products without copying each chunk out (the copy took
         # about half of a step at N = 100k, D = 960); same bits as the per-chunk product.
-        prod = sharding.row_products(x, cand, mesh, layout)
+        # Padded to 8 columns (copies of the last candidate, dropped again): a 6-column
+        # product took 16.7 ms there, an 8-column one 13.9 ms.
+        pad = -trials % 8
+        cand_p = jnp.concatenate([cand, jnp.repeat(cand[-1:], pad, axis=0)]) if pad else cand
+        prod = sharding.row_products(x, cand_p, mesh, layout)[:, :trials]
 
         def combine(pc, xsc, dc, csq):
             new = xsc[:, None] - 2.0 * pc + csq[None, :]
