@@ -138,6 +138,43 @@ def test_row_products_equal_the_per_chunk_product_on_every_device_count(rng):
         np.testing.assert_array_equal(got, first)
 
 
+def test_product_map_reduce_keeps_the_per_chunk_bits_on_every_device_count(rng):
+    """Lloyd's in-place pass: each chunk's products equal ``w @ chunk.T`` taken chunk by chunk (seen
+    through the exact column min and first argmin Lloyd takes of them), the row view reads the
+    chunk's own rows, and everything is the same on 1, 2 and 8 devices."""
+    import jax.numpy as jnp
+
+    x = rng.standard_normal((3000, 300)).astype(np.float32)
+    w_np = rng.standard_normal((37, 300)).astype(np.float32)
+    w = jnp.asarray(w_np)
+
+    def columns(prod):
+        return jnp.min(prod, axis=0), kmeans._first_argmin_t(prod)
+
+    def fn(prod, rows, vc, wc):
+        back = jnp.arange(rows.size, dtype=jnp.int32)[::-1]  # the chunk's rows in reverse, gathered
+        return (columns(prod), rows.take(back), rows.all()), (jnp.sum(rows.all() * vc[:, None], axis=0),)
+
+    def per_chunk(xc, vc, wc):
+        return (columns(wc @ xc.T), xc[::-1], xc), (jnp.sum(xc * vc[:, None], axis=0),)
+
+    first = None
+    for n_dev in (1, 2, 8):
+        xs, valid, mesh, layout = _place(x, n_dev, max_chunk_rows=512)
+        got = jax.jit(lambda a, v, b: sharding.product_map_reduce(fn, a, b, mesh, layout, (v,), (b,)))(xs, valid, w)
+        want = jax.jit(lambda a, v, b: sharding.row_map_reduce(per_chunk, mesh, layout, (a, v), (b,)))(xs, valid, w)
+        got, want = jax.tree.map(np.asarray, (got, want))
+        for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(g, e)
+        ((low, arg), _, rows), (total,) = got
+        np.testing.assert_array_equal(rows[:3000], x)
+        np.testing.assert_allclose(low[:3000], (x @ w_np.T).min(1), rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(total, x.sum(0), rtol=1e-4, atol=1e-3)
+        first = got if first is None else first
+        for g, f in zip(jax.tree.leaves(got), jax.tree.leaves(first)):
+            np.testing.assert_array_equal(g, f)
+
+
 def test_dsquared_sampling_matches_probabilities(rng):
     """Inverse-CDF sampling picks row i with probability mass_i / sum(mass), never a zero-mass row."""
     import jax.numpy as jnp
@@ -262,7 +299,10 @@ def test_cluster_delta_every_branch_matches_numpy(rng, n_changed):
     else:
         pick = rng.choice(rows - 6, n_changed, replace=False)
         new[pick] = (old[pick] + rng.integers(1, k, n_changed)) % k
-    ds, dn, nc = jax.jit(kmeans._cluster_delta, static_argnums=3)(xc, new, old, k)
+    # The chunk is read in place from the middle of a larger block, as in Lloyd's pass.
+    block = np.concatenate([rng.standard_normal((rows, d)), xc, rng.standard_normal((rows, d))]).astype(np.float32)
+    ds, dn, nc = jax.jit(lambda b, n, o: kmeans._cluster_delta(sharding.ChunkRows(b, rows, rows), n, o, k))(
+        block, new, old)
     want_s = np.zeros((k, d))
     want_n = np.zeros(k, np.int64)
     for r in range(rows):

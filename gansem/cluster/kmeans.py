@@ -8,12 +8,15 @@ Data layout (see :mod:`gansem.sharding`): ``x [N_pad, D]`` row-sharded with a
 float32 ``valid [N_pad]`` mask, padded to ``layout.padded_rows`` rows where
 ``layout = sharding.plan_rows(N, n_devices)``. Every sum over rows goes through
 :func:`gansem.sharding.row_reduce` and every per-row map through
-:func:`gansem.sharding.row_map`, so results are bit-identical on 1 and 8 devices.
-Distances are computed one chunk of rows at a time: the full ``N x K`` distance
-matrix is never materialised. Speed notes (measured in ``benchmarks/``): the
-distance block is laid out ``[K, rows]`` and reduced with a column ``min``
-followed by a first-index ``min`` (XLA's CPU argmin over the minor axis was the
-slowest part of an iteration); one block per chunk (a second loop over
+:func:`gansem.sharding.row_map` (or their in-place forms), so results are
+bit-identical on 1 and 8 devices. Speed notes (measured in ``benchmarks/``): the
+distance block is laid out ``[K, rows]`` per chunk, and for float32 euclidean
+rows all of a device's chunks are multiplied in place in one batched product
+(:func:`gansem.sharding.product_map_reduce`: no chunk copies, the same bits);
+it is reduced with a column ``min`` followed by a first-index ``min`` taken
+over a float32 index (XLA's CPU argmin over the minor axis was the slowest
+part of an iteration, and an int32 column ``min`` compiled to a reduce-window
+that took 2 ms per 12.5k-row chunk); one block per chunk (a second loop over
 sub-blocks of the chunk cost 1.2-1.4x per iteration); Lloyd updates the cluster
 sums from the rows whose label changed (after the first passes a few percent of
 the rows, so the scatter-add over all N x D values is paid once); the input
@@ -116,18 +119,24 @@ def _first_argmin_t(d):
 
     Same tie rule as ``argmin`` (lowest index), but as two vectorised column
     reductions, which XLA's CPU backend runs much faster than a variadic argmin.
+    The index is reduced as float32 (exact for K < 2^24): an int32 column ``min``
+    compiled to a reduce-window about 25x slower than the float one.
     """
     k = d.shape[0]
-    iota = jax.lax.broadcasted_iota(jnp.int32, d.shape, 0)
+    iota = jax.lax.broadcasted_iota(jnp.float32, d.shape, 0)
     d1 = jnp.min(d, axis=0)
-    labels = jnp.min(jnp.where(d == d1[None, :], iota, k), axis=0)
-    return jnp.minimum(labels, k - 1)  # NaN rows: keep a valid id
+    labels = jnp.min(jnp.where(d == d1[None, :], iota, float(k)), axis=0)
+    return jnp.minimum(labels, k - 1).astype(jnp.int32)  # NaN rows: keep a valid id
 
 
 def _labels(xb, centroids, c_sq):
     """First nearest centroid of each row of ``xb`` (``c_sq``: squared centroid norms)."""
-    d = c_sq[:, None] - 2.0 * (centroids @ xb.T)  # [K, b]; |x|^2 is constant per row
-    return _first_argmin_t(d)
+    return _labels_from_products(centroids @ xb.T, c_sq)
+
+
+def _labels_from_products(prod, c_sq):
+    """First nearest centroid per column of ``prod = centroids @ rows.T [K, b]``."""
+    return _first_argmin_t(c_sq[:, None] - 2.0 * prod)  # |x|^2 is constant per row
 
 
 def _nearest(xc, centroids):
@@ -142,9 +151,43 @@ def _nearest(xc, centroids):
         ``|x|^2 - 2 x.c + |c|^2`` (one matmul); the returned distance is recomputed
         directly as ``sum((x - c_label)^2)`` so it has no cancellation error.
     """
-    labels = _labels(xc, centroids, jnp.sum(centroids * centroids, axis=-1))
+    return _own_sq_dist(xc, centroids, _labels(xc, centroids, jnp.sum(centroids * centroids, axis=-1)))
+
+
+def _own_sq_dist(xc, centroids, labels):
+    """``(labels, sum((x - c_label)^2))``: the distance recomputed directly, without cancellation error."""
     diff = xc - jnp.take(centroids, labels, axis=0)
     return labels, jnp.sum(diff * diff, axis=-1)
+
+
+def _in_place(x, metric):
+    """Whether products can be taken from ``x`` as stored (float32 rows, not normalised per chunk)."""
+    return metric == "euclidean" and x.dtype == jnp.float32
+
+
+def _nearest_pass(x, centroids, *, mesh, layout, metric, row_args=(), partials=None):
+    """Nearest centroid and squared distance of every row, one pass over the chunks.
+
+    Euclidean float32 rows are multiplied in place (:func:`sharding.product_map_reduce`);
+    cosine rows are normalised chunk by chunk first. ``partials(labels, dist,
+    *row_chunk_args)`` (optional) adds per-chunk partial sums to the result.
+    Returns ``((labels, dist), totals)``.
+    """
+    part = partials or (lambda *a: ())
+    if _in_place(x, metric):
+        def fn(prod, rows, *rest):
+            *rc, c = rest
+            lc, dc = _own_sq_dist(rows.all(), c, _labels_from_products(prod, jnp.sum(c * c, axis=-1)))
+            return (lc, dc), part(lc, dc, *rc)
+
+        return sharding.product_map_reduce(fn, x, centroids, mesh, layout, row_args, (centroids,))
+
+    def fn(xc, *rest):
+        *rc, c = rest
+        lc, dc = _nearest(_prep_rows(xc, metric), c)
+        return (lc, dc), part(lc, dc, *rc)
+
+    return sharding.row_map_reduce(fn, mesh, layout, (x,) + tuple(row_args), (centroids,))
 
 
 def count_valid(valid, *, mesh, layout) -> int:
@@ -204,9 +247,7 @@ def assign(x, centroids, *, mesh, layout, metric="euclidean"):
 @functools.partial(jax.jit, static_argnames=("mesh", "layout", "metric"))
 def _assign(x, centroids, *, mesh, layout, metric):
     centroids = _prep_centroids(centroids, metric)
-    return sharding.row_map(
-        lambda xc, c: _nearest(_prep_rows(xc, metric), c), mesh, layout, (x,), (centroids,)
-    )
+    return _nearest_pass(x, centroids, mesh=mesh, layout=layout, metric=metric)[0]
 
 
 def kmeans_plusplus_init(key, x, valid, k, *, mesh, layout, metric="euclidean", n_trials=None):
@@ -367,9 +408,10 @@ def lloyd(x, valid, centroids, *, mesh, layout, max_iter=20, tol=1e-4, metric="e
     assignment pass).
 
     Each iteration is one pass over the rows: per chunk, the ``[K, rows]``
-    distance block, the first minimum per column, and the change of the
-    per-cluster sums and counts. The first pass sums every row (``segment_sum``);
-    later passes gather only the rows whose label changed and move them from the
+    distance block (for float32 euclidean rows from products taken in place,
+    :func:`gansem.sharding.product_map_reduce`), the first minimum per column,
+    and the change of the per-cluster sums and counts. The first pass sums
+    every row (``segment_sum``); later passes gather only the rows whose label changed and move them from the
     old cluster to the new one (into the smallest of the buffers of 1/64, 1/16 or
     1/4 of the chunk that holds them; more changes: all rows, masked). The sums
     are therefore accumulated over iterations rather than recomputed: they agree
@@ -402,7 +444,7 @@ def _capacities(rows: int) -> tuple[int, ...]:
     return tuple(c for c in caps if c < rows)
 
 
-def _cluster_delta(xc, lc, oc, k):
+def _cluster_delta(rows, lc, oc, k):
     """Change of the per-cluster sums and counts of one chunk when its labels go from ``oc`` to ``lc``.
 
     ``k`` marks "no cluster" (padding rows; every row before the first pass). A
@@ -410,14 +452,15 @@ def _cluster_delta(xc, lc, oc, k):
     only the rows whose label changed are gathered (into the smallest of a few
     fixed sizes that holds them) and moved from the old cluster to the new one.
     Which branch runs depends on the chunk's data alone, so results are the same
-    on any device count. Returns ``(dsums [K, D], dcounts [K] int32, changed () int32)``.
+    on any device count. ``rows`` is the chunk's :class:`sharding.ChunkRows`.
+    Returns ``(dsums [K, D], dcounts [K] int32, changed () int32)``.
     """
     changed = lc != oc
     n_changed = jnp.sum(changed.astype(jnp.int32))
     caps = _capacities(lc.shape[0])
 
     def fresh():
-        return (jax.ops.segment_sum(xc, lc, num_segments=k),
+        return (jax.ops.segment_sum(rows.all(), lc, num_segments=k),
                 jax.ops.segment_sum(jnp.ones_like(lc), lc, num_segments=k))
 
     def move(rows, new, old):
@@ -429,12 +472,12 @@ def _cluster_delta(xc, lc, oc, k):
         def run():
             idx = jnp.nonzero(changed, size=cap, fill_value=0)[0]
             live = jnp.arange(cap) < n_changed
-            return move(jnp.take(xc, idx, axis=0), jnp.where(live, lc[idx], k), jnp.where(live, oc[idx], k))
+            return move(rows.take(idx), jnp.where(live, lc[idx], k), jnp.where(live, oc[idx], k))
 
         return run
 
     def every_row():
-        return move(xc, jnp.where(changed, lc, k), jnp.where(changed, oc, k))
+        return move(rows.all(), jnp.where(changed, lc, k), jnp.where(changed, oc, k))
 
     first = jnp.all(oc == k)
     tier = jnp.where(first, 0, 1 + jnp.searchsorted(jnp.asarray(caps, jnp.int32), n_changed, side="left"))
@@ -447,13 +490,20 @@ def _lloyd(x, valid, centroids, tol, *, max_iter, mesh, layout, metric):
     k = centroids.shape[0]
     centroids = _prep_centroids(centroids, metric)
 
-    def step(xc, vc, oc, c):
+    def step_products(prod, rows, vc, oc, c):
         # One pass over the chunk: nearest centroid (padding rows get the out-of-range id k),
         # then the change of the per-cluster sums since the previous labels ``oc``.
+        lc = jnp.where(vc > 0, _labels_from_products(prod, jnp.sum(c * c, axis=-1)), k)
+        return lc, _cluster_delta(rows, lc, oc, k)
+
+    def step_rows(xc, vc, oc, c):  # cosine / not float32: rows prepared chunk by chunk
         xc = _prep_rows(xc, metric)
-        c_sq = jnp.sum(c * c, axis=-1)
-        lc = jnp.where(vc > 0, _labels(xc, c, c_sq), k)
-        return lc, _cluster_delta(xc, lc, oc, k)
+        return step_products(c @ xc.T, sharding.ChunkRows(xc), vc, oc, c)
+
+    def labels_pass(c, labels):
+        if _in_place(x, metric):  # chunks multiplied in place, rows gathered only where they moved
+            return sharding.product_map_reduce(step_products, x, c, mesh, layout, (valid, labels), (c,))
+        return sharding.row_map_reduce(step_rows, mesh, layout, (x, valid, labels), (c,))
 
     def own_dist(xc, lc, cc):
         # Distance of each row to the centroid it was just assigned (labels are carried: no second argmin).
@@ -480,7 +530,7 @@ def _lloyd(x, valid, centroids, tol, *, max_iter, mesh, layout, metric):
 
     def body(carry):
         c, it, _, sums, counts, labels, _ = carry
-        labels, (dsums, dcounts, n_changed) = sharding.row_map_reduce(step, mesh, layout, (x, valid, labels), (c,))
+        labels, (dsums, dcounts, n_changed) = labels_pass(c, labels)
         # No label changed: a fixed point. The sums, centroids and assignment would repeat
         # bit for bit, so stopping here gives exactly the result of running on.
         fixed = (it > 0) & (n_changed == 0)
@@ -503,15 +553,13 @@ def _lloyd(x, valid, centroids, tol, *, max_iter, mesh, layout, metric):
         (centroids, jnp.int32(0), jnp.float32(jnp.inf), jnp.zeros((k, dim), jnp.float32),
          jnp.zeros((k,), jnp.int32), jnp.full_like(valid, k, dtype=jnp.int32), jnp.bool_(False)),
     )
-    labels, dist = sharding.row_map(
-        lambda xc, cc: _nearest(_prep_rows(xc, metric), cc), mesh, layout, (x,), (c,)
-    )
 
     def final(lc, dc, vc):
         counts = jax.ops.segment_sum((vc > 0).astype(jnp.int32), lc, num_segments=k)
         return counts, jnp.sum(dc * vc)
 
-    counts, inertia = sharding.row_reduce(final, mesh, layout, (labels, dist, valid))
+    (labels, _), (counts, inertia) = _nearest_pass(x, c, mesh=mesh, layout=layout, metric=metric,
+                                                   row_args=(valid,), partials=final)
     return KMeansResult(
         centroids=c,
         labels=labels,
