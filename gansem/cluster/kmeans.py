@@ -346,19 +346,24 @@ def _kmeans_pp(key, x, valid, *, k, trials, mesh, layout, metric):
         )
 
     def cand_dists(d, cand):
-        """``[N_pad, L]`` squared distance to the nearest of (chosen centroids, candidate l)."""
+        """``[N_pad, L]`` squared distance to the nearest of (chosen centroids, candidate l), and
+        the ``[L]`` potentials (sums over valid rows) in the same pass."""
         c_sq = jnp.sum(cand * cand, axis=-1)
 
+        def finish(new, dc, vc):
+            dist = jnp.minimum(dc[:, None], jnp.maximum(new, 0.0))
+            return dist, jnp.sum(dist * vc[:, None], axis=0)
+
         if trials == 1 or metric != "euclidean":
-            def chunk(xc, xsc, dc, cc, csq):
+            def chunk(xc, xsc, dc, vc, cc, csq):
                 xc = _prep_rows(xc, metric)
                 if trials == 1:  # a matrix-vector product: the [1, n] form is ~2x faster on CPU
                     new = (xsc[None, :] - 2.0 * (cc @ xc.T) + csq[:, None]).T
                 else:
                     new = xsc[:, None] - 2.0 * (xc @ cc.T) + csq[None, :]
-                return jnp.minimum(dc[:, None], jnp.maximum(new, 0.0))
+                return finish(new, dc, vc)
 
-            return sharding.row_map(chunk, mesh, layout, (x, x_sq, d), (cand, c_sq))
+            return sharding.row_map_reduce(chunk, mesh, layout, (x, x_sq, d, valid), (cand, c_sq))
         # Several candidates: the products without copying each chunk out (the copy took
         # about half of a step at N = 100k, D = 960); same bits as the per-chunk product.
         # Padded to 8 columns (copies of the last candidate, dropped again): a 6-column
@@ -367,29 +372,22 @@ def _kmeans_pp(key, x, valid, *, k, trials, mesh, layout, metric):
         cand_p = jnp.concatenate([cand, jnp.repeat(cand[-1:], pad, axis=0)]) if pad else cand
         prod = sharding.row_products(x, cand_p, mesh, layout)[:, :trials]
 
-        def combine(pc, xsc, dc, csq):
-            new = xsc[:, None] - 2.0 * pc + csq[None, :]
-            return jnp.minimum(dc[:, None], jnp.maximum(new, 0.0))
+        def combine(pc, xsc, dc, vc, csq):
+            return finish(xsc[:, None] - 2.0 * pc + csq[None, :], dc, vc)
 
-        return sharding.row_map(combine, mesh, layout, (prod, x_sq, d), (c_sq,))
-
-    def potentials(dc, vc):  # [n, L] -> [L]
-        return jnp.sum(dc * vc[:, None], axis=0)
+        return sharding.row_map_reduce(combine, mesh, layout, (prod, x_sq, d, valid), (c_sq,))
 
     big = jnp.full((x.shape[0],), jnp.inf, jnp.float32)
     first = draw(0, jnp.ones_like(valid), 1)
     c0 = rows(first)
-    d0 = cand_dists(big, c0)[:, 0]
+    d0 = cand_dists(big, c0)[0][:, 0]
     cents0 = jnp.zeros((k, dim), jnp.float32).at[0].set(c0[0])
 
     def body(i, carry):
         cents, d = carry
         cand = rows(draw(i, d, trials))  # [L, D]
-        dist = cand_dists(d, cand)  # [N_pad, L]
-        if trials == 1:
-            return cents.at[i].set(cand[0]), dist[:, 0]
-        pot = sharding.row_reduce(potentials, mesh, layout, (dist, valid))
-        best = jnp.argmin(pot)
+        dist, pot = cand_dists(d, cand)  # [N_pad, L], [L]
+        best = jnp.argmin(pot) if trials > 1 else 0
         return cents.at[i].set(cand[best]), dist[:, best]
 
     cents, _ = jax.lax.fori_loop(1, k, body, (cents0, d0))
