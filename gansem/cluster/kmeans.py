@@ -354,21 +354,17 @@ def _kmeans_pp(key, x, valid, *, k, trials, mesh, layout, metric):
             dist = jnp.minimum(dc[:, None], jnp.maximum(new, 0.0))
             return dist, jnp.sum(dist * vc[:, None], axis=0)
 
-        if trials == 1 or metric != "euclidean":
+        if metric != "euclidean":
             def chunk(xc, xsc, dc, vc, cc, csq):
                 xc = _prep_rows(xc, metric)
-                if trials == 1:  # a matrix-vector product: the [1, n] form is ~2x faster on CPU
-                    new = (xsc[None, :] - 2.0 * (cc @ xc.T) + csq[:, None]).T
-                else:
-                    new = xsc[:, None] - 2.0 * (xc @ cc.T) + csq[None, :]
-                return finish(new, dc, vc)
+                return finish(xsc[:, None] - 2.0 * (xc @ cc.T) + csq[None, :], dc, vc)
 
             return sharding.row_map_reduce(chunk, mesh, layout, (x, x_sq, d, valid), (cand, c_sq))
-        # Several candidates: the products without copying each chunk out (the copy took
-        # about half of a step at N = 100k, D = 960); same bits as the per-chunk product.
-        # Padded to 8 columns (copies of the last candidate, dropped again): a 6-column
-        # product took 16.7 ms there, an 8-column one 13.9 ms.
-        pad = -trials % 8
+        # The products without copying each chunk out (the copy took about half of a step
+        # at N = 100k, D = 960); same bits as the per-chunk product. Several candidates are
+        # padded to 8 columns (copies of the last candidate, dropped again): a 6-column
+        # product took 16.7 ms there, an 8-column one 13.9 ms; a single candidate 6.6 ms.
+        pad = -trials % 8 if trials > 1 else 0
         cand_p = jnp.concatenate([cand, jnp.repeat(cand[-1:], pad, axis=0)]) if pad else cand
         prod = sharding.row_products(x, cand_p, mesh, layout)[:, :trials]
 
