@@ -302,7 +302,7 @@ class ChunkRows:
         """Rows ``idx`` (chunk-relative, in range) as ``[len(idx), ...]``."""
         import jax.numpy as jnp
 
-        return jnp.take(self.block, self.start + idx, axis=0)
+        return jnp.take(self.block, self.start + idx, axis=0, mode="clip")  # in range: no fill select
 
     def all(self):
         """The whole chunk ``[size, ...]`` (a copy unless ``block`` is the chunk)."""
