@@ -106,14 +106,29 @@ def test_bench_kmeans_smoke(tmp_path, capsys):
     bench_kmeans.main(["--n", "600", "--k", "5", "--iters", "3", "--repeats", "0", "--baseline-threads", "1",
                        "--out", str(out)])
     res = _load(out)
-    assert set(res["results"]) == {"gansem", "sklearn", "faiss"} or set(res["results"]) == {"gansem", "sklearn"}
+    # Equal work: gansem's greedy init against scikit-learn's, plain k-means++ ("gansem-1") against faiss's.
+    if "faiss" in res["results"]:
+        assert set(res["results"]) == {"gansem", "gansem-1", "sklearn", "faiss"}
+        assert res["pairs"] == {"sklearn": "gansem", "faiss": "gansem-1"}
+        assert res["results"]["gansem-1"]["trials"] == 1 == res["results"]["faiss"]["trials"]
+        assert set(res["ratios_default_init"]) == {"faiss"}
+    else:
+        assert set(res["results"]) == {"gansem", "sklearn"} and res["pairs"] == {"sklearn": "gansem"}
+    assert res["results"]["gansem"]["trials"] == res["results"]["sklearn"]["trials"] == 2 + int(np.log(5))
     for r in res["results"].values():
         assert r["total_s"] > 0 and r["inertia"] > 0 and 1 <= r["n_iter"] <= 3
+    assert res["target"]["gansem_run"] == res["pairs"][res["target"]["fastest_other"]]
     # Same init, same data: every library's Lloyd lands on the same inertia.
     same = res["same_init"]
     for name in same:
         np.testing.assert_allclose(same[name]["inertia"], same["gansem"]["inertia"], rtol=1e-4)
     assert "TARGET" in capsys.readouterr().out
+    # --trials: one gansem run, compared with every baseline.
+    bench_kmeans.main(["--n", "600", "--k", "5", "--iters", "3", "--repeats", "0", "--trials", "2", "--skip",
+                       "sklearn", "--no-same-init", "--out", str(out)])
+    res = _load(out)
+    assert set(res["results"]) <= {"gansem", "faiss"} and res["results"]["gansem"]["trials"] == 2
+    assert all(g == "gansem" for g in res["pairs"].values())
 
 
 @pytest.mark.slow
