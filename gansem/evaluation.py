@@ -18,6 +18,14 @@ Reference labels come from a :class:`LabelsSource`:
   separability experiment. The derivation paths differ, so the streams are
   independent whatever ``eval_seed`` is; :func:`evaluation_latents` also checks
   that no evaluation latent equals a clustering latent and raises otherwise.
+* ``"faces"`` -- the built-in face-part labeller :func:`gansem.references.faces.segment_faces`
+  (dlib 68-point landmarks; classes background, skin, brows, eyes, nose, lips, mouth),
+  a :class:`CallableLabels` with ``ignore_label = IGNORE`` (255).
+
+A sample whose reference map is entirely ``ignore_label`` (e.g. no face found by the
+``faces`` labeller) is **skipped**: it adds no pixel to any contingency table and no
+image to the per-image mIoU average. Both experiments report how many samples were
+labelled and skipped.
 
 :func:`evaluate_run` fits the requested baselines on the **same clustering data
 as the run** (features recomputed from the run's ``latents.npy`` with the run's
@@ -59,6 +67,7 @@ __all__ = [
     "EVAL_STREAM",
     "BASELINES",
     "EvaluationError",
+    "BUILTIN_LABELS",
     "LabelsSource",
     "FileLabels",
     "CallableLabels",
@@ -74,6 +83,8 @@ __all__ = [
 EVAL_STREAM = 1_000_003
 #: Baseline names accepted by :func:`evaluate_run` and ``launch/evaluate.py --baselines``.
 BASELINES = ("kmeans", "kmeans-arccos", "ahc", "ahc-cosine", "kasp")
+#: Built-in reference labellers, accepted by name as ``--labels`` (see :func:`resolve_labels_source`).
+BUILTIN_LABELS = ("faces",)
 _METHOD_TITLES = {
     "klish": "KLiSH", "kmeans": "K-means (euclidean)", "kmeans-arccos": "K-means (arccos)",
     "ahc": "AHC (ward)", "ahc-cosine": "AHC (arccos)", "kasp": "KASP (euclidean)",
@@ -233,8 +244,26 @@ def load_labels_callable(spec: str) -> CallableLabels:
     return CallableLabels(fn, spec, tuple(names) if names is not None else None)
 
 
+def _builtin_labels(name: str, ignore_label: Optional[int]) -> CallableLabels:
+    """The built-in labeller ``name`` (one of :data:`BUILTIN_LABELS`), its models loaded now to fail early."""
+    from .references import faces
+
+    try:
+        faces.load_models()
+    except ImportError as e:
+        raise EvaluationError(f"--labels {name}: {e}") from e
+    if ignore_label not in (None, faces.IGNORE):
+        raise EvaluationError(f"--labels {name} marks unlabelled samples with {faces.IGNORE}; "
+                              f"leave --ignore-label unset (got {ignore_label})")
+    return CallableLabels(faces.segment_faces, name, faces.CLASS_NAMES, faces.IGNORE)
+
+
 def resolve_labels_source(spec, ignore_label: Optional[int] = None) -> LabelsSource:
-    """A :class:`LabelsSource` from a path to an ``.npz``, a ``module:function`` string, or a callable."""
+    """A :class:`LabelsSource` from a built-in name, an ``.npz`` path, a ``module:function`` string, or a callable.
+
+    ``"faces"`` is the built-in face-part labeller (:mod:`gansem.references.faces`) with
+    ``ignore_label`` = its ``IGNORE`` value (255) and its class names.
+    """
     if isinstance(spec, LabelsSource):
         if ignore_label is not None:
             spec.ignore_label = ignore_label
@@ -243,6 +272,8 @@ def resolve_labels_source(spec, ignore_label: Optional[int] = None) -> LabelsSou
         return CallableLabels(spec, getattr(spec, "__name__", repr(spec)),
                               tuple(spec.class_names) if hasattr(spec, "class_names") else None, ignore_label)
     spec = str(spec)
+    if spec in BUILTIN_LABELS:
+        return _builtin_labels(spec, ignore_label)
     if spec.endswith(".npz") or os.path.isfile(spec):
         return FileLabels.load(spec, ignore_label)
     if ":" in spec:
@@ -250,8 +281,8 @@ def resolve_labels_source(spec, ignore_label: Optional[int] = None) -> LabelsSou
         src.ignore_label = ignore_label
         return src
     raise EvaluationError(
-        f"--labels {spec!r} is neither an .npz labels file nor 'module:function' / 'file.py:function' "
-        "(a callable mapping uint8 images [B,H,W,3] to int labels [B,H,W])")
+        f"--labels {spec!r} is neither an .npz labels file, 'module:function' / 'file.py:function' (a callable "
+        f"mapping uint8 images [B,H,W,3] to int labels [B,H,W]) nor a built-in labeller ({', '.join(BUILTIN_LABELS)})")
 
 
 def _stream_key(seed: int, j: int):
@@ -311,6 +342,19 @@ class _Tables:
 
     def tables(self, m: int) -> np.ndarray:
         return np.concatenate([np.pad(t, ((0, 0), (0, m - t.shape[1]), (0, 0))) for t in self.parts])
+
+
+def _num_skipped(ref: np.ndarray, ignore_label) -> int:
+    """Samples of ``ref [B, H, W]`` without reference labels (every pixel ``ignore_label``)."""
+    if ignore_label is None:
+        return 0
+    return int(np.all(ref == ignore_label, axis=(1, 2)).sum())
+
+
+def _check_labelled(num_skipped: int, n: int, what: str) -> None:
+    if num_skipped == n:
+        raise EvaluationError(f"none of the {n} {what} samples has reference labels (every pixel is the ignored "
+                              "label); check the labels source and --ignore-label")
 
 
 def _num_ref(ref: np.ndarray, ignore_label, current: int) -> int:
@@ -513,7 +557,7 @@ def evaluate_run(run_dir: str, labels, ks: Sequence[int], baselines: Sequence[st
 
     Args:
         run_dir: a finished (or partial) ``launch/klish.py`` run directory.
-        labels: a :class:`LabelsSource`, an ``.npz`` path, ``"module:function"``, or a callable.
+        labels: a :class:`LabelsSource`, ``"faces"``, an ``.npz`` path, ``"module:function"``, or a callable.
         ks: numbers of clusters (each must be in the trajectory).
         baselines: subset of :data:`BASELINES`.
         num_samples: evaluation samples (callable source: required; file: default all).
@@ -532,7 +576,8 @@ def evaluate_run(run_dir: str, labels, ks: Sequence[int], baselines: Sequence[st
     Returns:
         A JSON-able dict: ``scores[method][str(k)]`` with ``ari, ami, nmi, miou_image,
         miou_dataset, miou`` (the chosen averaging), ``per_class_iou``, ``assignment``,
-        plus ``fit`` statistics, ``labels`` description, timings and, with
+        plus ``num_labelled`` / ``num_skipped`` (samples without reference labels, left
+        out), ``fit`` statistics, ``labels`` description, timings and, with
         ``out_dir``, the written ``files``.
     """
     from . import sharding
@@ -613,19 +658,24 @@ def evaluate_run(run_dir: str, labels, ks: Sequence[int], baselines: Sequence[st
     _log(f"evaluating {len(methods)} method(s) × K={ks} on {n} samples at {size}² ({W.shape[0]} affine rows)", quiet)
     tables = {nm: _Tables(classifiers[nm].num_clusters, source.ignore_label) for nm in names}
     m_ref = 1  # grows to (largest reference label seen) + 1; class_names only name the classes
+    skipped = 0
     vis_img, vis_ref, vis_pred = [], [], []
     for img, ref, preds in _iterate_samples(source, gen, params, layers, size, spec, W, b, latents, class_labels,
                                             batch_size, progress, "evaluate"):
         m_ref = _num_ref(ref, source.ignore_label, m_ref)
+        skipped += _num_skipped(ref, source.ignore_label)
         for i, nm in enumerate(names):
             tables[nm].update(preds[i], ref, m_ref)
         shown = sum(a.shape[0] for a in vis_img)
         if shown < num_vis:
             take = num_vis - shown
             vis_img.append(img[:take])
-            vis_ref.append(ref[:take])
+            vis_ref.append(ref[:take] if source.ignore_label is None else
+                           np.where(ref[:take] == source.ignore_label, -1, ref[:take]))  # ignored: black
             vis_pred.append(preds[:, :take])
     timings["evaluate_s"] = time.time() - t
+    _check_labelled(skipped, n, "evaluation")
+    _log(f"reference labels for {n - skipped} of {n} samples ({skipped} skipped: every pixel ignored)", quiet)
 
     scores = {}
     for m, k in names:
@@ -643,7 +693,9 @@ def evaluate_run(run_dir: str, labels, ks: Sequence[int], baselines: Sequence[st
     timings["total_s"] = time.time() - t0
     results = {
         "run_dir": os.path.abspath(run_dir), "generator": cfg["generator"], "ks": ks, "methods": methods,
-        "labels": source.describe(), "num_samples": n, "label_size": size, "num_ref_classes": m_ref,
+        "labels": source.describe(), "num_samples": n, "num_labelled": n - skipped, "num_skipped": skipped,
+        "skipped_note": "samples whose reference map is entirely ignore_label; they add nothing to any score",
+        "label_size": size, "num_ref_classes": m_ref,
         "class_names": list(class_names) if class_names else None,
         "eval_seed": eval_seed if not isinstance(source, FileLabels) else None,
         "eval_stream": (f"latents = sample_latents(fold_in(fold_in(key({eval_seed}), {EVAL_STREAM}), 0)); "
@@ -675,7 +727,9 @@ def results_table_markdown(results: dict) -> str:
         f"# Clustering evaluation: {os.path.basename(results['run_dir'])}", "",
         f"Generator `{results['generator']}`; {results['num_samples']} evaluation samples at "
         f"{results['label_size']}²; reference labels: {_describe_labels(results['labels'])}; "
-        f"{results['num_ref_classes']} reference classes.", "",
+        f"{results['num_ref_classes']} reference classes. Samples with reference labels: "
+        f"{results['num_labelled']} labelled, {results['num_skipped']} skipped (every pixel ignored; left out of "
+        "all scores).", "",
         f"mIoU: greedy maximum matching (Algorithm 2, many-to-one), **averaged per {avg}** "
         + ("(per-class IoU over the images where the class or its clusters appear, then over classes — the original "
            "KLiSH evaluation)" if avg == "image" else "(pixels pooled over all images)")
@@ -698,7 +752,9 @@ def results_table_markdown(results: dict) -> str:
 
 
 def _describe_labels(d: dict) -> str:
-    return f"file `{d['path']}`" if d["kind"] == "file" else f"callable `{d['name']}`"
+    if d["kind"] == "file":
+        return f"file `{d['path']}`"
+    return f"built-in labeller `{d['name']}`" if d["name"] in BUILTIN_LABELS else f"callable `{d['name']}`"
 
 
 def write_evaluation(results, out_dir, vis_img, vis_ref, vis_pred, names) -> dict:
@@ -769,7 +825,8 @@ def separability_experiment(labels, *, run_dir: Optional[str] = None, generator:
     Returns:
         dict with ``svm`` and ``lse`` (``miou`` = mean over classes of the per-class IoU
         pooled over the test set, ``miou_image`` per-image averaging, ``per_class_iou``,
-        ``pixel_accuracy``, solver statistics), ``delta = (svm - lse) / lse`` and the setup.
+        ``pixel_accuracy``, solver statistics), ``delta = (svm - lse) / lse``, the labelled
+        and skipped sample counts (``num_{train,test}_{labelled,skipped}``) and the setup.
     """
     from . import sharding
     from .cluster.svm import train_ovr_svm
@@ -820,6 +877,8 @@ def separability_experiment(labels, *, run_dir: Optional[str] = None, generator:
                                    progress=progress, desc="train features")
     if ref_tr is None:
         ref_tr = np.concatenate([source(imgs[i:i + batch_size]) for i in range(0, len(imgs), batch_size)])
+    train_skipped = _num_skipped(ref_tr, source.ignore_label)
+    _check_labelled(train_skipped, num_train, "training")
     y = _nearest_resize_labels(ref_tr, resolution).reshape(-1)
     x_host = feats.reshape(-1, dim)
     del feats
@@ -853,12 +912,17 @@ def separability_experiment(labels, *, run_dir: Optional[str] = None, generator:
     W, b, spec = _pack(clfs)
     acc = [_Tables(m_ref, source.ignore_label) for _ in clfs]
     m_all = m_ref
+    test_skipped = 0
     for _, ref, preds in _iterate_samples(test_source, gen, params, layers, size, spec, W, b, lat_te, cl_te,
                                           batch_size, progress, "test"):
         m_all = _num_ref(ref, source.ignore_label, m_all)
+        test_skipped += _num_skipped(ref, source.ignore_label)
         for i in range(2):
             acc[i].update(np.minimum(preds[i], m_ref - 1), ref, m_all)
     timings["test_s"] = time.time() - t
+    _check_labelled(test_skipped, num_test, "test")
+    _log(f"reference labels for {num_train - train_skipped} of {num_train} training and {num_test - test_skipped} "
+         f"of {num_test} test samples (the others skipped: every pixel ignored)", quiet)
 
     def summary(tables, extra):
         tab = tables.tables(m_all)  # [N, M_all, M_ref]: reference rows, predicted classes
@@ -878,7 +942,10 @@ def separability_experiment(labels, *, run_dir: Optional[str] = None, generator:
     timings["total_s"] = time.time() - t0
     return {
         "generator": gen_name, "run_dir": None if run_dir is None else os.path.abspath(run_dir),
-        "labels": source.describe(), "num_train": num_train, "num_test": num_test, "train_resolution": resolution,
+        "labels": source.describe(), "num_train": num_train, "num_test": num_test,
+        "num_train_labelled": num_train - train_skipped, "num_train_skipped": train_skipped,
+        "num_test_labelled": num_test - test_skipped, "num_test_skipped": test_skipped,
+        "train_resolution": resolution,
         "test_resolution": size, "num_classes": m_ref,
         "class_names": list(source.class_names) if source.class_names else None,
         "svm": svm_out, "lse": lse_out,

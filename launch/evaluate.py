@@ -7,6 +7,10 @@ Runbook:
     # evaluation samples are drawn from the run's generator on a stream disjoint from the clustering samples
     python launch/evaluate.py --run runs/ffhq --labels my_parser.py:segment --k 20,26,30 --num-samples 1000
 
+    # or from the built-in face-part labeller (dlib 68-point landmarks: background, skin, brows, eyes, nose,
+    # lips, mouth); samples without a detected face are skipped and counted
+    python launch/evaluate.py --run runs/dcgan --labels faces --k 12,20 --num-samples 200
+
     # or from a labels file in the layout launch/segment.py writes (images, latents, labels [, class_names])
     python launch/evaluate.py --run runs/ffhq --labels refs.npz --k 26
 
@@ -14,8 +18,9 @@ Runbook:
     python launch/evaluate.py --run runs/synthetic --labels gansem.generators.synthetic:true_labels \
         --k 3,5 --num-samples 64
 
-Writes to --out (default RUN/eval): table.md (methods × K × AMI/ARI/mIoU, as Tab. 4), results.json (all
-numbers, both mIoU averagings, fit statistics) and clusters_k<K>.png (cluster maps of every method side by
+Writes to --out (default RUN/eval): table.md (methods × K × AMI/ARI/mIoU, as Tab. 4, and how many samples had
+reference labels and how many were skipped), results.json (all numbers, both mIoU averagings, fit statistics,
+num_labelled / num_skipped) and clusters_k<K>.png (cluster maps of every method side by
 side for the same samples, as Fig. 5).
 """
 
@@ -62,16 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run", required=True, help="run directory written by launch/klish.py")
     p.add_argument("--labels", required=True,
-                   help="reference labels: an .npz with images uint8 [N,H,W,3], latents [N,...] (generator inputs) "
-                        "and labels int [N,H,W] (optional class_names, class_labels), e.g. from launch/segment.py; "
-                        "or a callable 'module:function' / 'path/to/file.py:function' mapping uint8 images "
-                        "[B,H,W,3] to int labels [B,H,W], applied to fresh samples of the run's generator")
+                   help="reference labels: 'faces' (built-in face-part labeller from dlib's 68 landmarks: "
+                        "background, skin, brows, eyes, nose, lips, mouth; samples without a detected face are "
+                        "skipped and counted; needs the faces extra, installed by scripts/setup.sh); an .npz with "
+                        "images uint8 [N,H,W,3], latents [N,...] (generator inputs) and labels int [N,H,W] (optional "
+                        "class_names, class_labels), e.g. from launch/segment.py; or a callable 'module:function' / "
+                        "'path/to/file.py:function' mapping uint8 images [B,H,W,3] to int labels [B,H,W]; "
+                        "'faces' and callables are applied to fresh samples of the run's generator")
     p.add_argument("--k", type=_int_list, required=True,
                    help="comma-separated numbers of clusters, each in the run's trajectory (e.g. 20,26,30)")
     p.add_argument("--baselines", type=_baselines, default=list(_BASELINES),
                    help=f"comma-separated subset of {','.join(_BASELINES)}, or 'none' (KLiSH only)")
     p.add_argument("--num-samples", type=int, default=None,
-                   help="evaluation samples; required with a callable, default all samples of a labels file")
+                   help="evaluation samples; required with 'faces' or a callable, default all samples of a labels file")
     p.add_argument("--eval-seed", type=int, default=None,
                    help="seed of the evaluation samples (callable labels); default the run's seed. The samples "
                         "come from fold_in(fold_in(key(seed), 1000003), 0), a stream disjoint from the run's "
@@ -79,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--miou-average", choices=("image", "dataset"), default="image",
                    help="mIoU shown in the table: per-class IoU averaged over images (original KLiSH evaluation) "
                         "or pooled over the dataset; results.json has both")
-    p.add_argument("--ignore-label", type=int, default=None, help="reference label value to leave out (e.g. 255)")
+    p.add_argument("--ignore-label", type=int, default=None,
+                   help="reference label value to leave out (e.g. 255; 'faces' sets 255 itself); samples made only "
+                        "of it are counted as skipped")
     p.add_argument("--ahc-samples", type=int, default=4000,
                    help="pixels subsampled from the clustering data for AHC (memory and time grow as n²; the "
                         "paper used 16 images at 64×64)")

