@@ -60,7 +60,7 @@ import numpy as np
 
 from . import metrics
 from .cluster import baselines as bl
-from .features import to_uint8
+from .features import FeatureTransform, to_uint8
 from .segment import SegmentError, classifier_at
 
 __all__ = [
@@ -642,11 +642,19 @@ def evaluate_run(run_dir: str, labels, ks: Sequence[int], baselines: Sequence[st
                                     batch_size=cfg.get("batch_size", 16), progress=progress, desc="clustering features")
         x_host = feats.reshape(-1, dim)
         del feats
+        # Baselines cluster in the run's clustering space (layer balance, PCA), like KLiSH itself.
+        tr_path = os.path.join(run_dir, "transform.npz")
+        transform = FeatureTransform.load(tr_path) if os.path.isfile(tr_path) else None
+        if transform is not None:
+            x_host = transform.apply(x_host)
         mesh = sharding.make_mesh(devices)
         fitted, fit_info = fit_baselines(baselines, ks, x_host, seed=int(cfg["seed"]), k0=int(kasp_k0 or cfg["k0"]),
                                          mesh=mesh, ahc_samples=ahc_samples, kmeans_iters=kmeans_iters, quiet=quiet,
                                          progress=progress)
         del x_host
+        if transform is not None:
+            fitted = {nm: c._replace(**dict(zip("Wb", transform.to_feature_space(c.W, c.b))))
+                      for nm, c in fitted.items()}
         classifiers.update(fitted)
         timings["fit_baselines_s"] = time.time() - t
 

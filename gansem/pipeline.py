@@ -7,6 +7,7 @@ Run directory layout (also written to ``manifest.json``)::
 
     config.json          the configuration (what defines the results)
     latents.npy          the generator inputs of the clustered samples
+    transform.npz        the clustering-space map (mean, layer scale, PCA basis; features.FeatureTransform)
     trajectory/<step>/   Orbax: one merge record per step (K, W, b, IoU, ECoS, p→q, sizes)
     state/<step>/        Orbax: resumable algorithm state (latest two)
     init.json            K-means / filter / first-solve statistics
@@ -57,6 +58,15 @@ class KlishJobConfig:
     solver: str = "lbfgs"
     truncation: Optional[float] = None
     batch_size: int = 16
+    feature_balance: str = "layer"
+    pca_dim: int = 32
+    holdout: bool = True
+    select_threshold: float = 0.5
+
+    @classmethod
+    def paper(cls, **kw) -> "KlishJobConfig":
+        """The paper-faithful clustering space and statistics: raw features, no PCA, no held-out images."""
+        return cls(**{"feature_balance": "none", "pca_dim": 0, "holdout": False, **kw})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -81,6 +91,15 @@ class KlishJobConfig:
             raise ConfigError("--lam and --tol must be positive")
         if self.truncation is not None and not (0.0 < self.truncation <= 1.0 or self.truncation > 0):
             raise ConfigError(f"--truncation must be positive, got {self.truncation}")
+        if self.feature_balance not in ("layer", "none"):
+            raise ConfigError(f"--feature-balance must be 'layer' or 'none', got {self.feature_balance!r}")
+        if self.pca_dim < 0:
+            raise ConfigError(f"--pca-dim must be >= 0 (0: no projection), got {self.pca_dim}")
+        if self.holdout and self.num_images < 2:
+            raise ConfigError("held-out statistics need at least 2 images (half are held out); "
+                              "raise --num-images or pass --no-holdout")
+        if not 0.0 < self.select_threshold <= 1.0:
+            raise ConfigError(f"--select-threshold must be in (0, 1], got {self.select_threshold}")
 
 
 def apply_generator_settings(gen, cfg: dict):
@@ -184,6 +203,10 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
         )
     x_host = feats.reshape(-1, dim)
     del feats
+    transform = clustering_transform(run_dir, x_host, layers, config, has_state)
+    x_host = transform.apply(x_host)
+    if transform.basis is not None:
+        _log(f"clustering space: layer balance {config.feature_balance}, PCA {dim} → {transform.dim}", quiet)
     timings["features_s"] = time.time() - t
 
     # -- devices --------------------------------------------------------------------------
@@ -195,13 +218,21 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
              f"for {n_dev} device(s); padding is masked out of every statistic", quiet)
     x, valid = sharding.shard_rows(x_host, mesh, multiple=layout.padded_rows)
     del x_host
-    _log(f"{config.num_images} images × {config.resolution}² = {layout.num_rows} pixels × {dim} features "
-         f"on {n_dev} {jax.default_backend()} device(s)", quiet)
+    holdout = None
+    if config.holdout:
+        holdout, _ = sharding.shard_rows(heldout_rows(config.num_images, config.resolution), mesh,
+                                         multiple=layout.padded_rows)
+    _log(f"{config.num_images} images × {config.resolution}² = {layout.num_rows} pixels × {transform.dim} features "
+         f"on {n_dev} {jax.default_backend()} device(s)"
+         + ("; IoU/ECoS on the held-out odd-numbered images" if config.holdout else ""), quiet)
 
     ck = RunCheckpoints(run_dir)
-    solver_kw = dict(lam=config.lam, tol=config.tol, max_iter=config.svm_max_iter)
+    solver_kw = dict(lam=config.lam, tol=config.tol, max_iter=config.svm_max_iter, holdout=holdout)
+    save = lambda step, rec, st: ck.save_step(  # noqa: E731  records hold classifiers of raw features
+        step, None if rec is None else rec._replace(**dict(zip("Wb", transform.to_feature_space(rec.W, rec.b)))), st)
     try:
-        precond, merge_cache = svm.svm_preconditioner(x, valid, mesh=mesh, layout=layout), K.MergeCache()
+        precond = svm.svm_preconditioner(x, K.training_rows(valid, holdout), mesh=mesh, layout=layout)
+        merge_cache = K.MergeCache()
         # -- initial state ----------------------------------------------------------------
         t = time.time()
         if has_state and ck.latest_state_step() is not None:
@@ -221,7 +252,7 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
             with open(os.path.join(run_dir, "init.json"), "w") as f:
                 json.dump(init_info, f, indent=2)
             step = 0
-            ck.save_step(0, None, state)
+            save(0, None, state)
             timings["init_s"] = time.time() - t
             _log(f"initial clusters: {_k(state)} (after filter) in {timings['init_s']:.1f}s", quiet)
 
@@ -239,7 +270,7 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
                                           precond=precond, solver=config.solver, cache=merge_cache, **solver_kw)
                 step += 1
                 done_here += 1
-                ck.save_step(step, rec, state)
+                save(step, rec, state)
                 bar.update(1)
                 bar.set_postfix(K=int(rec.k), minIoU=f"{float(np.min(rec.iou)):.3f}", it=int(rec.svm_iters))
         timings["merge_s"] = time.time() - t
@@ -248,8 +279,8 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
 
     complete = _k(state) <= 1
     summary = {"complete": complete, "steps": step, "devices": n_dev, "backend": jax.default_backend(),
-               "pixels": layout.num_rows, "feature_dim": dim, "layers": [l.name for l in layers],
-               "timings": timings}
+               "pixels": layout.num_rows, "feature_dim": dim, "clustering_dim": transform.dim,
+               "layers": [l.name for l in layers], "timings": timings}
     if complete:
         t = time.time()
         summary.update(write_outputs(run_dir, gen, params, layers, latents, class_labels, images,
@@ -260,6 +291,31 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
         json.dump(_jsonable(summary), f, indent=2)
     write_manifest(run_dir)
     return summary
+
+
+def heldout_rows(num_images: int, resolution: int) -> np.ndarray:
+    """``[num_images * resolution²] float32``: 1 on the pixels of odd-numbered images (held out), else 0."""
+    return np.repeat((np.arange(num_images) % 2 == 1).astype(np.float32), resolution * resolution)
+
+
+def clustering_transform(run_dir: str, x_host, layers, config: KlishJobConfig, resume: bool):
+    """The run's :class:`~gansem.features.FeatureTransform`: fitted and saved to ``transform.npz``, or loaded on resume."""
+    from .features import FeatureTransform, fit_feature_transform
+
+    path = os.path.join(run_dir, "transform.npz")
+    if resume and os.path.isfile(path):
+        return FeatureTransform.load(path)
+    tr = fit_feature_transform(x_host, layers, balance=config.feature_balance, pca_dim=config.pca_dim or None)
+    tr.save(path)
+    return tr
+
+
+def load_transform(run_dir: str):
+    """The clustering-space map of a finished run (``None`` for runs made before it existed: identity)."""
+    from .features import FeatureTransform
+
+    path = os.path.join(run_dir, "transform.npz")
+    return FeatureTransform.load(path) if os.path.isfile(path) else None
 
 
 def _k(state) -> int:
@@ -299,11 +355,14 @@ def _jsonable(obj):
     return obj
 
 
-def default_vis_ks(ks: Sequence[int], n: int = 6) -> list[int]:
-    """A handful of K values spread over the trajectory (largest first)."""
+def default_vis_ks(ks: Sequence[int], n: int = 6, selected: Optional[int] = None) -> list[int]:
+    """A handful of K values spread over the trajectory (largest first), with ``selected`` among them."""
     ks = sorted(set(int(k) for k in ks), reverse=True)
     cands = [ks[0]] + [k for k in (50, 30, 20, 12, 8, 5, 3) if k in ks and k < ks[0]]
-    return cands[:n]
+    cands = cands[:n]
+    if selected is not None and selected in ks and selected not in cands:
+        cands = sorted(cands[: n - 1] + [selected], reverse=True)
+    return cands
 
 
 def write_outputs(run_dir, gen, params, layers, latents, class_labels, images, vis_ks=None, num_vis=6,
@@ -311,7 +370,7 @@ def write_outputs(run_dir, gen, params, layers, latents, class_labels, images, v
     """Pictures, per-K summary and the report of a finished trajectory."""
     from . import viz
     from .checkpoint import load_trajectory
-    from .segment import Segmenter
+    from .segment import Segmenter, SegmentError, k_for_threshold
 
     traj = load_trajectory(run_dir)
     ks = [int(r["k"]) for r in traj]
@@ -319,16 +378,22 @@ def write_outputs(run_dir, gen, params, layers, latents, class_labels, images, v
     ecos_pq = [float(r["ecos"][int(r["p"]), int(r["q"])]) for r in traj]
     rows = [{"k": int(r["k"]), "min_iou": mi, "mean_iou": float(np.mean(r["iou"])), "p": int(r["p"]),
              "q": int(r["q"]), "ecos_pq": e, "svm_iters": int(r.get("svm_iters", -1)),
-             "svm_converged": bool(r.get("svm_converged", True)), "sizes_min": int(np.min(r["sizes"]))}
+             "svm_converged": bool(r.get("svm_converged", True)), "sizes_min": int(np.min(r["sizes"])),
+             "largest_share": float(np.max(r["sizes"]) / max(np.sum(r["sizes"]), 1))}
             for r, mi, e in zip(traj, min_iou, ecos_pq)]
     with open(os.path.join(run_dir, "trajectory.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    viz.trajectory_plot(ks, min_iou, ecos_pq, os.path.join(run_dir, "trajectory.png"))
-
-    vis_ks = list(vis_ks) if vis_ks else default_vis_ks(ks)
-    n = min(num_vis, latents.shape[0])
     with open(os.path.join(run_dir, "config.json")) as f:
         cfg = json.load(f)
+    phi = float(cfg.get("select_threshold", 0.5))
+    try:  # K = 1 is trivially separable: not a choice
+        k_sel = k_for_threshold([r for r in traj if int(r["k"]) > 1], phi)
+    except SegmentError:
+        k_sel = None
+    viz.trajectory_plot(ks, min_iou, ecos_pq, os.path.join(run_dir, "trajectory.png"))
+
+    vis_ks = list(vis_ks) if vis_ks else default_vis_ks(ks, selected=k_sel)
+    n = min(num_vis, latents.shape[0])
     maps = {}
     imgs = None
     for k in vis_ks:
@@ -336,7 +401,7 @@ def write_outputs(run_dir, gen, params, layers, latents, class_labels, images, v
         seg = Segmenter(gen, params, tuple(layers), W, b, k, cfg)
         out = seg.segment_latents(latents[:n], None if class_labels is None else class_labels[:n],
                                   batch_size=min(16, n))
-        maps[f"K={k}"] = out["labels"]
+        maps[f"K={k}" + (" (φ*)" if k == k_sel else "")] = out["labels"]
         imgs = out["images"]
     viz.cluster_map_figure(imgs, maps, os.path.join(run_dir, "clusters.png"),
                            title="KLiSH cluster maps of training samples")
@@ -346,12 +411,24 @@ def write_outputs(run_dir, gen, params, layers, latents, class_labels, images, v
         f"Generator `{cfg['generator']}`, {cfg['num_images']} images at {cfg['resolution']}² "
         f"({cfg['num_images'] * cfg['resolution'] ** 2} pixels), K0 = {cfg['k0']}, seed {cfg['seed']}, "
         f"λ1 = {cfg['lam']}, filter {'on' if cfg['filter_clusters'] else 'off'}, retrain `{cfg['retrain']}`.", "",
+        "Clustering space: " + (
+            f"layer balance `{cfg.get('feature_balance', 'none')}`, PCA d = {cfg.get('pca_dim') or 'off'}; "
+            + ("IoU/ECoS on held-out images (odd-numbered), SVMs trained on the others."
+               if cfg.get("holdout") else "IoU/ECoS on the training pixels (as the paper).")), "",
+        "## Selected K", "",
+        (f"φ* = {phi}: the first K from K0 down whose minimum IoU reaches φ* is **K = {k_sel}** "
+         f"(largest cluster {rows[ks.index(k_sel)]['largest_share']:.0%} of the pixels). Segment with "
+         f"`python launch/segment.py --run RUN_DIR --threshold {phi} ...`." if k_sel is not None else
+         f"φ* = {phi}: no K reaches it (best minimum IoU {max(min_iou[:-1] or [0]):.3f}); lower --select-threshold."),
+        "",
         "## Cluster maps", "", "![cluster maps](clusters.png)", "",
         "## Separability along the trajectory", "", "![trajectory](trajectory.png)", "",
-        "| K | min IoU | mean IoU | merged p → q | ECoS(p,q) | SVM iters |", "|---|---|---|---|---|---|",
+        "| K | min IoU | mean IoU | largest cluster | merged p → q | ECoS(p,q) | SVM iters |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['k']} | {r['min_iou']:.3f} | {r['mean_iou']:.3f} | {r['p']} → {r['q']} | "
+        lines.append(f"| {r['k']}{' (φ*)' if r['k'] == k_sel else ''} | {r['min_iou']:.3f} | {r['mean_iou']:.3f} | "
+                     f"{r['largest_share']:.0%} | {r['p']} → {r['q']} | "
                      f"{r['ecos_pq']:.3f} | {r['svm_iters']}{'' if r['svm_converged'] else ' (not converged)'} |")
     lines += ["", "Indices p, q refer to the cluster order at that K (row p is removed after the merge).",
               "", f"SVM solves that did not converge: {unconverged if unconverged else 'none'}.", "",
@@ -360,12 +437,15 @@ def write_outputs(run_dir, gen, params, layers, latents, class_labels, images, v
     with open(os.path.join(run_dir, "report.md"), "w") as f:
         f.write("\n".join(lines))
     _log(f"wrote {os.path.join(run_dir, 'report.md')}", quiet)
-    return {"vis_ks": vis_ks, "min_iou_by_k": {str(k): v for k, v in zip(ks, min_iou)}}
+    return {"vis_ks": vis_ks, "selected_k": k_sel, "select_threshold": phi,
+            "min_iou_by_k": {str(k): v for k, v in zip(ks, min_iou)}}
 
 
 _MANIFEST = {
     "config.json": "configuration of the run (flags that define the results)",
     "latents.npy": "generator inputs (z) of the clustered samples, float32 [N, ...]",
+    "transform.npz": "clustering-space map z = ((x - mean) * scale) @ basis (layer balance, PCA); trajectory "
+                     "classifiers are stored on raw features",
     "class_labels.npy": "class labels of the clustered samples (conditional generators)",
     "init.json": "K-means++ / Lloyd / initial filter / first SVM solve statistics",
     "trajectory": "Orbax checkpoints, one per merge step: k, W [k,D], b [k], iou [k], ecos [k,k], p, q, sizes [k], solver stats",

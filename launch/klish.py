@@ -74,6 +74,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SVM solver, both exact (same optimum of Eq. 3, same stopping rule): jaxopt L-BFGS "
                         "preconditioned by the active-set Hessian, or the primal finite Newton method "
                         "(Cholesky of the active-set Hessian + exact line search)")
+    g = p.add_argument_group(
+        "fidelity",
+        "Switchable deviations from the paper for small runs (README, 'Fidelity'); --paper turns all of them off")
+    g.add_argument("--paper", action="store_true",
+                   help="paper-faithful clustering: raw features (no layer balance, no PCA) and IoU/ECoS on the "
+                        "training pixels (no held-out images); the flags below override single settings")
+    g.add_argument("--feature-balance", choices=("layer", "none"), default=None,
+                   help="scale each feature layer to the same share of the total variance ('layer'), or use the "
+                        "raw concatenation ('none', the paper). Default: layer (none with --paper)")
+    g.add_argument("--pca-dim", type=int, default=None,
+                   help="cluster in the top d principal directions of the (balanced) features (centred, not "
+                        "whitened); 0: no projection (the paper). Default: %d (0 with --paper)" %
+                        __import__("gansem.pipeline", fromlist=["KlishJobConfig"]).KlishJobConfig.pca_dim)
+    g.add_argument("--holdout", dest="holdout", action="store_true", default=None,
+                   help="train the SVMs on the even-numbered images and count IoU (Eq. 4) and ECoS (Eq. 5) on the "
+                        "odd-numbered ones, so separability means generalisation to unseen pixels (default; off "
+                        "with --paper)")
+    g.add_argument("--no-holdout", dest="holdout", action="store_false",
+                   help="train and count on the same pixels, as the paper does")
+    g.add_argument("--select-threshold", type=float, default=0.5,
+                   help="φ* of the paper: the report presents the first K (from K0 down) whose minimum IoU "
+                        "reaches it, next to fixed Ks")
     g = p.add_argument_group("run")
     g.add_argument("--devices", type=int, default=None,
                    help="number of devices to shard pixels over; on a machine with fewer devices N CPU devices "
@@ -98,7 +120,10 @@ def main(argv=None) -> int:
     from gansem.pipeline import ConfigError, KlishJobConfig, run_klish_job
 
     spec = args.checkpoint or args.generator
-    config = KlishJobConfig(
+    fidelity = {k: v for k, v in (("feature_balance", args.feature_balance), ("pca_dim", args.pca_dim),
+                                  ("holdout", args.holdout)) if v is not None}
+    config = (KlishJobConfig.paper if args.paper else KlishJobConfig)(
+        **fidelity, select_threshold=args.select_threshold,
         generator=spec, num_images=args.num_images, resolution=args.resolution, k0=args.k0, seed=args.seed,
         channel_budget=args.channel_budget, filter_clusters=not args.no_filter, lam=args.lam, tol=args.tol,
         svm_max_iter=args.svm_max_iter, kmeans_iters=args.kmeans_iters, retrain=args.retrain,

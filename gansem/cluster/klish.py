@@ -23,6 +23,18 @@ clusters, map IoU through the inverse sigmoid (IoU clipped to [1e-6, 1-1e-6]),
 drop clusters whose logit is below ``mean - std`` (population std), and re-run
 Lloyd from the kept centroids.
 
+Held-out statistics (``holdout``, a switchable deviation; off = the paper). The
+paper trains the SVMs and measures Eq. 4/5 on the same pixels, which is sound when
+every cluster holds far more pixels than the feature dimension (about 168,000
+pixels per initial cluster in the paper). With a few hundred pixels per cluster a
+compact cluster is perfectly separable (IoU = 1) whatever it means, never merges,
+and the least separable cluster is always the growing merged one: the trajectory
+snowballs into one cluster. With a ``holdout`` row mask, the SVMs are trained on
+the other valid rows and IoU and ECoS are counted on the held-out rows only, so a
+cluster is "separable" when its SVM generalises to unseen pixels (the launch
+scripts hold out whole images). A cluster with no held-out pixel has IoU 0. With
+many pixels per cluster both readings agree.
+
 Incremental statistics (exact). After merging p into q only w_q changes, so
 only score column q needs recomputing. :class:`MergeCache` keeps the score
 matrix ``[N_pad, Kw]`` (row-sharded, ``Kw = K_init`` for the whole run) between
@@ -74,6 +86,7 @@ __all__ = [
     "klish_step",
     "run_klish",
     "MergeCache",
+    "training_rows",
 ]
 
 _LANES = 16  # classes per score GEMM of a merge step's update (the build computes all Kw at once)
@@ -459,8 +472,19 @@ def _apply_table(labels, table):
     return _relabel(labels, padded)
 
 
+@jax.jit
+def _without(valid, holdout):
+    return valid * (1.0 - holdout)
+
+
+def training_rows(valid, holdout):
+    """``[N_pad] float32`` rows the SVMs are trained on: ``valid`` minus ``holdout`` (all valid rows if ``None``)."""
+    return valid if holdout is None else _without(valid, holdout)
+
+
 def klish_init(key, x, valid, k0, *, mesh, layout, filter_clusters=True, kmeans_iters=20,
-               kmeans_tol=1e-4, lam=5000.0, tol=1e-4, max_iter=2000, precond=None, solver="lbfgs"):
+               kmeans_tol=1e-4, lam=5000.0, tol=1e-4, max_iter=2000, precond=None, solver="lbfgs",
+               holdout=None):
     """K-means++ and Lloyd, optional filter, ordered initial state of the merge loop.
 
     The state's classifier is the nearest-centroid linear model (:func:`linear_init`)
@@ -476,7 +500,9 @@ def klish_init(key, x, valid, k0, *, mesh, layout, filter_clusters=True, kmeans_
         filter_clusters: apply the initial-cluster filter.
         kmeans_iters, kmeans_tol: Lloyd settings.
         lam, tol, max_iter, solver: SVM settings (filter only).
-        precond: :class:`gansem.cluster.svm.SVMPreconditioner` (computed if None).
+        precond: :class:`gansem.cluster.svm.SVMPreconditioner` of the training rows (computed if None).
+        holdout: ``[N_pad] float32`` row-sharded mask of held-out rows (module docstring) or
+            ``None``: the filter's SVMs train on the other rows and its IoU counts these.
 
     Returns:
         ``(KlishState, info)`` with ``info`` a dict of host values: ``k0``,
@@ -491,12 +517,14 @@ def klish_init(key, x, valid, k0, *, mesh, layout, filter_clusters=True, kmeans_
             "kmeans_converged": bool(res.converged)}
     W, b = linear_init(res.centroids)
     if filter_clusters:
+        train = training_rows(valid, holdout)
         if precond is None:
-            precond = svm.svm_preconditioner(x, valid, mesh=mesh, layout=layout)
-        fit = svm.train_ovr_svm(x, valid, res.labels, W, b, mesh=mesh, layout=layout, lam=lam,
+            precond = svm.svm_preconditioner(x, train, mesh=mesh, layout=layout)
+        fit = svm.train_ovr_svm(x, train, res.labels, W, b, mesh=mesh, layout=layout, lam=lam,
                                 tol=tol, max_iter=max_iter, precond=precond,
                                 compute_objective=False, solver=solver)
-        iou = cluster_iou(fit.W, fit.b, x, valid, res.labels, mesh=mesh, layout=layout)
+        iou = cluster_iou(fit.W, fit.b, x, valid if holdout is None else holdout, res.labels,
+                          mesh=mesh, layout=layout)
         res, keep, logits, thr = filter_initial_clusters(
             iou, res.centroids, x, valid, mesh=mesh, layout=layout, kmeans_iters=kmeans_iters,
             kmeans_tol=kmeans_tol)
@@ -529,7 +557,8 @@ def klish_init(key, x, valid, k0, *, mesh, layout, filter_clusters=True, kmeans_
 
 
 def klish_step(state: KlishState, x, valid, *, mesh, layout, lam=5000.0, tol=1e-4, max_iter=2000,
-               retrain="merged", precond=None, solver="lbfgs", cache: Optional[MergeCache] = None):
+               retrain="merged", precond=None, solver="lbfgs", cache: Optional[MergeCache] = None,
+               holdout=None):
     """One iteration of Algorithm 1: train, measure, record, merge.
 
     Args:
@@ -546,6 +575,9 @@ def klish_step(state: KlishState, x, valid, *, mesh, layout, lam=5000.0, tol=1e-
             if None; pass it when looping).
         cache: a :class:`MergeCache` shared by the steps of one run (speed only;
             the result is bitwise the same without it).
+        holdout: ``[N_pad] float32`` held-out row mask or ``None`` (module docstring): SVMs
+            train on the other valid rows, IoU, ECoS and the record's objective (Eq. 3 on
+            those rows) count these rows only.
 
     Returns:
         ``(new_state, record)``; at K = 1 the record has ``p = q = -1`` and the
@@ -559,16 +591,17 @@ def klish_step(state: KlishState, x, valid, *, mesh, layout, lam=5000.0, tol=1e-
     else:
         raise ValueError(f"retrain must be 'merged' or 'all', got {retrain!r}")
     scores = None if cache is None or retrain == "all" else cache._get(state, x)
-    fit = svm.train_ovr_svm(x, valid, state.labels, state.W, state.b, mesh=mesh, layout=layout,
-                            lam=lam, tol=tol, max_iter=max_iter, classes=classes, precond=precond,
-                            compute_objective=False, solver=solver)
+    fit = svm.train_ovr_svm(x, training_rows(valid, holdout), state.labels, state.W, state.b, mesh=mesh,
+                            layout=layout, lam=lam, tol=tol, max_iter=max_iter, classes=classes,
+                            precond=precond, compute_objective=False, solver=solver)
+    counted = valid if holdout is None else holdout
     if scores is None:
-        stats = _build(fit.W, fit.b, k, _width(state), _updated_classes(state, retrain), x, valid,
+        stats = _build(fit.W, fit.b, k, _width(state), _updated_classes(state, retrain), x, counted,
                        state.labels, mesh=mesh, layout=layout)
     else:
-        stats = _refresh(scores, fit.W, fit.b, classes, x, valid, state.labels, mesh=mesh, layout=layout)
+        stats = _refresh(scores, fit.W, fit.b, classes, x, counted, state.labels, mesh=mesh, layout=layout)
     iou, ecos = _finish(stats)
-    n = float(np.asarray(state.sizes).sum())
+    n = float(np.asarray(state.sizes).sum()) if holdout is None else float(np.asarray(stats.n_gt).sum())
     W_h, b_h = np.asarray(fit.W), np.asarray(fit.b)
     objective = float(svm.objective_from_hinge(np.asarray(stats.hinge)[:k], W_h, lam, n))
     iou_h, ecos_h = np.asarray(iou)[:k], np.asarray(ecos)[:k, :k]
@@ -622,7 +655,8 @@ def klish_step(state: KlishState, x, valid, *, mesh, layout, lam=5000.0, tol=1e-
 
 def run_klish(key, x, valid, k0, *, mesh, layout, on_step: Optional[Callable] = None,
               state: Optional[KlishState] = None, filter_clusters=True, kmeans_iters=20,
-              kmeans_tol=1e-4, lam=5000.0, tol=1e-4, max_iter=2000, retrain="merged", solver="lbfgs"):
+              kmeans_tol=1e-4, lam=5000.0, tol=1e-4, max_iter=2000, retrain="merged", solver="lbfgs",
+              holdout=None):
     """Algorithm 1 down to K = 1 (the record at K = 1 has no merge).
 
     Args:
@@ -634,23 +668,23 @@ def run_klish(key, x, valid, k0, *, mesh, layout, on_step: Optional[Callable] = 
             record and the state *after* it (save both to resume).
         state: resume from this state instead of initialising.
         filter_clusters, kmeans_iters, kmeans_tol: see :func:`klish_init`.
-        lam, tol, max_iter, retrain, solver: see :func:`klish_step`.
+        lam, tol, max_iter, retrain, solver, holdout: see :func:`klish_step`.
 
     Returns:
         ``list[MergeRecord]`` of the steps run by this call.
     """
-    precond = svm.svm_preconditioner(x, valid, mesh=mesh, layout=layout)
+    precond = svm.svm_preconditioner(x, training_rows(valid, holdout), mesh=mesh, layout=layout)
     if state is None:
         state, _ = klish_init(key, x, valid, k0, mesh=mesh, layout=layout,
                               filter_clusters=filter_clusters, kmeans_iters=kmeans_iters,
                               kmeans_tol=kmeans_tol, lam=lam, tol=tol, max_iter=max_iter,
-                              precond=precond, solver=solver)
+                              precond=precond, solver=solver, holdout=holdout)
     cache = MergeCache()
     records = []
     while not (state.W.shape[0] == 1 and not bool(np.asarray(state.stale).any())):
         state, record = klish_step(state, x, valid, mesh=mesh, layout=layout, lam=lam, tol=tol,
                                    max_iter=max_iter, retrain=retrain, precond=precond, solver=solver,
-                                   cache=cache)
+                                   cache=cache, holdout=holdout)
         records.append(record)
         if on_step is not None:
             on_step(record, state)
