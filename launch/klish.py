@@ -80,20 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--paper", action="store_true",
                    help="paper-faithful clustering: raw features (no layer balance, no PCA) and IoU/ECoS on the "
                         "training pixels (no held-out images); the flags below override single settings")
-    g.add_argument("--feature-balance", choices=("layer", "none"), default=None,
+    from gansem.pipeline import KlishJobConfig  # numpy only: safe before the devices are set up
+
+    d = KlishJobConfig()
+    g.add_argument("--feature-balance", choices=("layer", "none"), default=argparse.SUPPRESS,
                    help="scale each feature layer to the same share of the total variance ('layer'), or use the "
-                        "raw concatenation ('none', the paper). Default: layer (none with --paper)")
-    g.add_argument("--pca-dim", type=int, default=None,
+                        f"raw concatenation ('none', the paper). Default: {d.feature_balance} (none with --paper)")
+    g.add_argument("--pca-dim", type=int, default=argparse.SUPPRESS,
                    help="cluster in the top d principal directions of the (balanced) features (centred, not "
-                        "whitened); 0: no projection (the paper). Default: %d (0 with --paper)" %
-                        __import__("gansem.pipeline", fromlist=["KlishJobConfig"]).KlishJobConfig.pca_dim)
-    g.add_argument("--holdout", dest="holdout", action="store_true", default=None,
+                        f"whitened); 0: no projection (the paper). Default: {d.pca_dim} (0 with --paper)")
+    g.add_argument("--holdout", dest="holdout", action="store_true", default=argparse.SUPPRESS,
                    help="train the SVMs on the even-numbered images and count IoU (Eq. 4) and ECoS (Eq. 5) on the "
                         "odd-numbered ones, so separability means generalisation to unseen pixels (default; off "
                         "with --paper)")
-    g.add_argument("--no-holdout", dest="holdout", action="store_false",
+    g.add_argument("--no-holdout", dest="holdout", action="store_false", default=argparse.SUPPRESS,
                    help="train and count on the same pixels, as the paper does")
-    g.add_argument("--select-threshold", type=float, default=0.5,
+    g.add_argument("--select-threshold", type=float, default=d.select_threshold,
                    help="φ* of the paper: the report presents the first K (from K0 down) whose minimum IoU "
                         "reaches it, next to fixed Ks")
     g = p.add_argument_group("run")
@@ -120,8 +122,7 @@ def main(argv=None) -> int:
     from gansem.pipeline import ConfigError, KlishJobConfig, run_klish_job
 
     spec = args.checkpoint or args.generator
-    fidelity = {k: v for k, v in (("feature_balance", args.feature_balance), ("pca_dim", args.pca_dim),
-                                  ("holdout", args.holdout)) if v is not None}
+    fidelity = {k: getattr(args, k) for k in ("feature_balance", "pca_dim", "holdout") if hasattr(args, k)}
     config = (KlishJobConfig.paper if args.paper else KlishJobConfig)(
         **fidelity, select_threshold=args.select_threshold,
         generator=spec, num_images=args.num_images, resolution=args.resolution, k0=args.k0, seed=args.seed,
