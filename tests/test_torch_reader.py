@@ -422,8 +422,23 @@ class PersId:
         self.pid = pid
 
 
+class Memo:
+    """``obj`` stored in the pickle memo under ``index``; a dict is stored before its items, so they may refer back."""
+
+    def __init__(self, index, obj):
+        self.index, self.obj = index, obj
+
+
+class Ref:
+    """A reference to memo entry ``index`` (BINGET)."""
+
+    def __init__(self, index):
+        self.index = index
+
+
 def assemble(obj, proto):
-    """Hand-assembles a pickle (no memo) for protocol 0, 2 or 4; globals via GLOBAL (<4) or STACK_GLOBAL."""
+    """Hand-assembles a pickle for protocol 0, 2 or 4; globals via GLOBAL (<4) or STACK_GLOBAL. The memo is only
+    used where `Memo` / `Ref` say so (protocol >= 2)."""
     out = bytearray()
     if proto >= 2:
         out += bytes([0x80, proto])
@@ -445,6 +460,17 @@ def assemble(obj, proto):
         elif isinstance(x, PersId):
             emit(x.pid)
             out.extend(b"Q")
+        elif isinstance(x, Memo) and isinstance(x.obj, dict):
+            out.extend(b"}r" + struct.pack("<I", x.index) + b"(")
+            for k, v in x.obj.items():
+                emit(k)
+                emit(v)
+            out.extend(b"u")
+        elif isinstance(x, Memo):
+            emit(x.obj)
+            out.extend(b"r" + struct.pack("<I", x.index))
+        elif isinstance(x, Ref):
+            out.extend(b"j" + struct.pack("<I", x.index))
         elif x is None:
             out.extend(b"N")
         elif isinstance(x, bool):

@@ -49,15 +49,23 @@ def main(argv=None) -> int:
                 for k, v in info.items():
                     print(f"{k:>16}: {v}")
             return 0
+        if os.path.exists(args.dst) and not os.path.isdir(args.dst):
+            print(f"error: {args.dst} exists and is not a directory; give a new or existing directory as DST",
+                  file=sys.stderr)
+            return 2
         if os.path.exists(os.path.join(args.dst, "generator.json")) and not args.force:
             print(f"error: {args.dst} already holds a gansem checkpoint (use --force to overwrite)", file=sys.stderr)
             return 2
         gen, params, info = convert_file(src, args.family)
         hashed = os.path.join(src, "pytorch_model.bin") if os.path.isdir(src) else src
         info["sha256"] = sha256(hashed) if os.path.isfile(hashed) else None
-        save_checkpoint(args.dst, gen, params, name=os.path.basename(os.path.normpath(args.src)), source=info)
     except (CheckpointError, GeneratorError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        save_checkpoint(args.dst, gen, params, name=os.path.basename(os.path.normpath(args.src)), source=info)
+    except OSError as e:
+        print(f"error: cannot write the checkpoint to {args.dst} ({e}); choose a writable DST", file=sys.stderr)
         return 2
     print(f"converted {args.src} ({gen.family}, {gen.resolution}px) -> {args.dst}")
     return 0

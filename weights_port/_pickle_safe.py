@@ -13,23 +13,32 @@ arbitrary objects locked down:
   file/region nor allocate more memory than the file holds.
 * With ``lazy_bytes=True`` large BINBYTES payloads outside pickle frames are not read at all: they are recorded
   as `LazyBytes(path, offset, length)` (used for the per-storage blobs inside NVIDIA network pickles).
+* Allow-listed calls and BUILDs may copy at most ``COPY_FACTOR`` times the pickle's own length in container
+  items / bytes, so memo references (a few bytes each) cannot multiply one large container.
 
 Tensors become `LazyArray` objects referencing a `Storage`; bytes are read from disk only when an array is
-materialised, and then only the byte range the view covers.
+materialised, and then only the byte range the view covers. All tensors of one file together may materialise at
+most ``VIEW_FACTOR`` times the tensor bytes the file stores, plus ``VIEW_SLACK`` (`ViewBudget`), so stride-0 or
+overlapping views cannot expand a tiny storage. Zip members are streamed with their CRC-32 checked and never
+inflate beyond their declared size. Loaded trees and NVIDIA module graphs are walked memoised, refusing cycles
+and nesting deeper than ``MAX_DEPTH``.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import struct
 import sys
+import zipfile
+import zlib
 from typing import Any, Iterable
 
 import numpy as np
 
-from weights_port.errors import CheckpointError, UnsafeCheckpointError
+from weights_port.errors import CheckpointError, UnsafeCheckpointError, short_repr
 
 __all__ = [
     "BoundedReader",
@@ -39,6 +48,7 @@ __all__ = [
     "Namespace",
     "SafeUnpickler",
     "Storage",
+    "ViewBudget",
     "materialize",
     "torch_globals",
     "TORCH_DTYPES",
@@ -46,6 +56,17 @@ __all__ = [
 
 # Payloads at least this big (and outside a pickle frame) are left on disk when ``lazy_bytes=True``.
 LAZY_BYTES_MIN = 1 << 16
+# The tensors of one file may materialise VIEW_FACTOR x the tensor bytes it stores, plus VIEW_SLACK (a genuine
+# shared-storage view or a stride-0 expansion of a tiny tensor stays far below that).
+VIEW_FACTOR = 4
+VIEW_SLACK = 1 << 20
+# Allow-listed calls / BUILDs of one pickle may copy COPY_FACTOR x its length in items or bytes, plus COPY_SLACK.
+COPY_FACTOR = 2
+COPY_SLACK = 1 << 20
+# Deepest nesting of a loaded object tree or NVIDIA module graph (real checkpoints stay below 20).
+MAX_DEPTH = 100
+# Zip members are streamed in chunks of this size.
+_CHUNK = 1 << 20
 
 
 def _bfloat16():
@@ -210,25 +231,80 @@ class _MemorySource:
 
 
 class _ZipMemberSource:
-    """A (compressed) zip member, decompressed on demand. torch writes STORED members, which use `_FileSource`."""
+    """A STORED or DEFLATED zip member, streamed from the file in chunks with its CRC-32 checked.
 
-    def __init__(self, path: str, member: str, nbytes: int):
-        self.path, self.member, self.nbytes = path, member, nbytes
+    The first read streams the whole member, so a corrupt byte anywhere in it is reported whatever range was asked
+    for; later reads stop at the end of their range (STORED ones seek straight to it). Inflating never yields
+    more than the member's declared size, and memory stays at the requested range plus one chunk.
+    """
+
+    def __init__(self, path: str, info: zipfile.ZipInfo, data_offset: int, stamp: tuple[int, int]):
+        self.path, self.member, self.offset, self.stamp = path, info.filename, data_offset, stamp
+        self.method, self.compressed, self.nbytes = info.compress_type, info.compress_size, info.file_size
+        self.crc = info.CRC
+        self.verified = False
+
+    def _error(self, what: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: zip member {self.member} {what}; the file is corrupt (copy or "
+                               "download it again)")
+
+    def _chunks(self, f, stop: int):
+        """Yields the member's bytes in order, from its start until at least ``stop`` bytes have been produced."""
+        f.seek(self.offset)
+        inflate = zlib.decompressobj(-15) if self.method == zipfile.ZIP_DEFLATED else None
+        left, pending, produced = self.compressed, b"", 0
+        while produced < stop:
+            if not pending and left:
+                pending = f.read(min(_CHUNK, left))
+                if not pending:
+                    raise self._error("is truncated")
+                left -= len(pending)
+            if inflate is None:
+                data, pending = pending, b""
+            else:
+                data = inflate.decompress(pending, _CHUNK)
+                pending = inflate.unconsumed_tail
+            if not data:
+                if inflate is not None and not inflate.eof and not pending and left:
+                    continue  # the decompressor wants more input
+                raise self._error(f"holds fewer than its declared {self.nbytes} bytes")
+            if produced + len(data) > self.nbytes:
+                raise self._error(f"inflates to more than its declared {self.nbytes} bytes")
+            produced += len(data)
+            yield data
+        if stop == self.nbytes and inflate is not None and not inflate.eof:
+            if inflate.decompress(pending or f.read(min(_CHUNK, left)), 1):
+                raise self._error(f"inflates to more than its declared {self.nbytes} bytes")
 
     def read(self, start: int, nbytes: int) -> bytearray:
-        import zipfile
-
         if start < 0 or start + nbytes > self.nbytes:
             raise CheckpointError(f"{self.path}: tensor view reaches outside its storage")
+        out = bytearray(nbytes)
         try:
-            with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as f:
-                f.seek(start)
-                data = f.read(nbytes)
-        except (OSError, zipfile.BadZipFile, EOFError) as e:
-            raise CheckpointError(f"{self.path}: cannot read zip member {self.member} ({e})") from e
-        if len(data) != nbytes:
-            raise CheckpointError(f"{self.path}: zip member {self.member} is truncated")
-        return bytearray(data)
+            if _file_stamp(self.path) != self.stamp:
+                raise CheckpointError(
+                    f"{self.path}: file changed on disk since it was opened; load it again before reading tensors"
+                )
+            with open(self.path, "rb") as f:
+                if self.verified and self.method == zipfile.ZIP_STORED:
+                    f.seek(self.offset + start)
+                    if f.readinto(out) != nbytes:
+                        raise self._error("is truncated")
+                    return out
+                crc, pos = 0, 0
+                for chunk in self._chunks(f, start + nbytes if self.verified else self.nbytes):
+                    lo, hi = max(start, pos), min(start + nbytes, pos + len(chunk))
+                    if lo < hi:
+                        out[lo - start : hi - start] = chunk[lo - pos : hi - pos]
+                    crc = zlib.crc32(chunk, crc)
+                    pos += len(chunk)
+        except (OSError, zlib.error) as e:
+            raise self._error(f"cannot be read ({e})") from e
+        if not self.verified:
+            if crc != self.crc:
+                raise self._error(f"fails its CRC-32 check (stored {self.crc:08x}, data {crc:08x})")
+            self.verified = True
+        return out
 
 
 class LazyBytes:
@@ -255,7 +331,7 @@ class Storage:
 
     def __init__(self, dtype: np.dtype, numel: int, name: str, *, big_endian: bool = False):
         if not isinstance(numel, int) or numel < 0:
-            raise CheckpointError(f"{name}: storage has an invalid element count {numel!r}")
+            raise CheckpointError(f"{name}: storage has an invalid element count {short_repr(numel)}")
         self.dtype = np.dtype(dtype)
         self.numel = numel
         self.name = name
@@ -276,6 +352,36 @@ class Storage:
         return self.source.read(start, nbytes)
 
 
+class ViewBudget:
+    """Bounds the bytes all tensors of one file can materialise by the tensor bytes the file stores.
+
+    Every tensor the pickle rebuilds is charged its materialised size; each distinct root storage it views adds
+    its size to what is stored. A tensor that takes the total past ``VIEW_FACTOR x stored + VIEW_SLACK`` (stride-0
+    or overlapping views of a small storage, or many tensors over one storage) is refused before anything is read.
+    Storage sizes are the declared ones; every loader checks that the file really holds them before returning.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.stored = 0
+        self.viewed = 0
+        self._roots: dict[int, Storage] = {}
+
+    def charge(self, tensor: LazyArray) -> LazyArray:
+        root = tensor.storage.base[0] if tensor.storage.base is not None else tensor.storage
+        if id(root) not in self._roots:
+            self._roots[id(root)] = root
+            self.stored += root.nbytes
+        self.viewed += tensor.nbytes
+        if self.viewed > VIEW_FACTOR * self.stored + VIEW_SLACK:
+            raise CheckpointError(
+                f"{self.name}: tensor of size {tensor.shape}, stride {tensor.strides} would bring the tensors to "
+                f"{self.viewed} bytes, more than {VIEW_FACTOR}x the {self.stored} bytes of tensor data the file "
+                "stores (stride-0 or overlapping views: a memory bomb); refusing to load it"
+            )
+        return tensor
+
+
 class LazyArray:
     """A tensor whose data is read only when needed.
 
@@ -293,11 +399,13 @@ class LazyArray:
         if not isinstance(storage, Storage):
             raise CheckpointError(f"{name}: tensor rebuilt from a {type(storage).__name__}, expected a storage")
         if not _is_int(offset) or offset < 0:
-            raise CheckpointError(f"{name}: invalid tensor storage offset {offset!r}")
+            raise CheckpointError(f"{name}: invalid tensor storage offset {short_repr(offset)}")
         shape, strides = _int_tuple(shape, name, "size"), _int_tuple(strides, name, "stride")
         if len(shape) != len(strides):
             raise CheckpointError(f"{name}: tensor size {shape} and stride {strides} have different lengths")
         dtype = np.dtype(dtype)
+        if math.prod(n for n in shape if n) * dtype.itemsize >= 1 << 62:
+            raise CheckpointError(f"{name}: tensor size {shape} is too large for any array")
         storage_bytes = storage.nbytes
         if storage.dtype != dtype and storage.dtype.itemsize != dtype.itemsize and storage_bytes % dtype.itemsize:
             raise CheckpointError(f"{name}: storage of {storage_bytes} bytes cannot hold {dtype} elements")
@@ -316,7 +424,7 @@ class LazyArray:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -363,7 +471,7 @@ def _is_int(x) -> bool:
 
 def _int_tuple(x, name: str, what: str) -> tuple:
     if not isinstance(x, (tuple, list)) or not all(_is_int(v) and v >= 0 for v in x):
-        raise CheckpointError(f"{name}: invalid tensor {what} {x!r}")
+        raise CheckpointError(f"{name}: invalid tensor {what} {short_repr(x)}")
     return tuple(x)
 
 
@@ -448,6 +556,10 @@ class _Marker:
         return f"<{self.qualname}>"
 
 
+# Argument types whose length counts towards `SafeUnpickler`'s copy limit.
+_SIZED = (str, bytes, bytearray, list, tuple, dict, set, frozenset, LazyBytes)
+
+
 def _normalize_global(module: str, name: str) -> str:
     # Python 2 spellings (protocol <= 2 pickles written by Python 2).
     module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)
@@ -477,6 +589,9 @@ class SafeUnpickler(pickle._Unpickler):
         self._persistent = persistent_load
         self._lazy = lazy_bytes
         self._newobj = tuple(newobj_classes)
+        self._copied = 0
+        self._copy_limit = COPY_FACTOR * (reader.end - reader.start) + COPY_SLACK
+        self._tuple_depths: dict[int, int] = {}  # id -> nesting, for tuples holding tuples
 
     # -- globals -----------------------------------------------------------------------------------
     def find_class(self, module, name):
@@ -499,13 +614,23 @@ class SafeUnpickler(pickle._Unpickler):
 
     def persistent_load(self, pid):
         if self._persistent is None:
-            raise CheckpointError(f"{self._name}: unexpected persistent id {pid!r} in a plain pickle")
+            raise CheckpointError(f"{self._name}: unexpected persistent id {short_repr(pid)} in a plain pickle")
         return self._persistent(pid)
 
     def _check_callable(self, func, what: str):
         if id(func) not in self._callables:
             raise UnsafeCheckpointError(
                 f"{self._name}: pickle tries to call a non-allow-listed object ({type(func).__name__}) via {what}"
+            )
+
+    def _charge_copies(self, values: Iterable) -> None:
+        """Counts the items / bytes a call or BUILD may copy out of ``values`` (memo references cost a few bytes
+        each, so without a limit one large container could be copied over and over)."""
+        self._copied += sum(len(v) for v in values if isinstance(v, _SIZED))
+        if self._copied > self._copy_limit:
+            raise CheckpointError(
+                f"{self._name}: pickle copies its containers into more than {COPY_FACTOR}x its own size "
+                "(repeated references to one large object: a memory bomb); refusing to load it"
             )
 
     # -- opcodes that call or build objects --------------------------------------------------------
@@ -516,17 +641,20 @@ class SafeUnpickler(pickle._Unpickler):
         self._check_callable(func, "REDUCE")
         if not isinstance(args, tuple):
             raise CheckpointError(f"{self._name}: REDUCE arguments are not a tuple")
+        self._charge_copies(args)
         stack[-1] = func(*args)
 
     def _instantiate(self, klass, args):
         self._check_callable(klass, "INST/OBJ")
+        self._charge_copies(args)
         self.append(klass(*args))
 
     def load_newobj(self):
         args = self.stack.pop()
         cls = self.stack.pop()
         if cls not in self._newobj or not isinstance(args, tuple):
-            raise UnsafeCheckpointError(f"{self._name}: NEWOBJ of a non-allow-listed class {cls!r}")
+            raise UnsafeCheckpointError(f"{self._name}: NEWOBJ of a non-allow-listed class {short_repr(cls)}")
+        self._charge_copies(args)
         self.append(cls.__new__(cls, *args))
 
     def load_newobj_ex(self):
@@ -534,12 +662,14 @@ class SafeUnpickler(pickle._Unpickler):
         args = self.stack.pop()
         cls = self.stack.pop()
         if cls not in self._newobj or not isinstance(args, tuple) or not isinstance(kwargs, dict):
-            raise UnsafeCheckpointError(f"{self._name}: NEWOBJ_EX of a non-allow-listed class {cls!r}")
+            raise UnsafeCheckpointError(f"{self._name}: NEWOBJ_EX of a non-allow-listed class {short_repr(cls)}")
+        self._charge_copies(args + tuple(kwargs.values()))
         self.append(cls.__new__(cls, *args, **kwargs))
 
     def load_build(self):
         state = self.stack.pop()
         inst = self.stack[-1]
+        self._charge_copies((state,))
         if type(inst) in (Namespace, EasyDict):
             inst.__setstate__(state)
         elif isinstance(inst, np.dtype):
@@ -581,6 +711,33 @@ class SafeUnpickler(pickle._Unpickler):
         items = self.pop_mark()
         self._target((set,), "ADDITEMS").update(items)
 
+    # -- tuples: nesting bounded, since hashing a deeply nested tuple (a dict key) overflows the C stack --------
+    def _track_tuple(self):
+        t = self.stack[-1]
+        depth = 1 + max((self._tuple_depths.get(id(v), 1) for v in t if type(v) is tuple), default=0)
+        if depth > MAX_DEPTH:
+            raise CheckpointError(f"{self._name}: pickle nests tuples more than {MAX_DEPTH} levels deep")
+        if depth > 1:
+            self._tuple_depths[id(t)] = depth
+        else:
+            self._tuple_depths.pop(id(t), None)
+
+    def load_tuple(self):
+        pickle._Unpickler.load_tuple(self)
+        self._track_tuple()
+
+    def load_tuple1(self):
+        pickle._Unpickler.load_tuple1(self)
+        self._track_tuple()
+
+    def load_tuple2(self):
+        pickle._Unpickler.load_tuple2(self)
+        self._track_tuple()
+
+    def load_tuple3(self):
+        pickle._Unpickler.load_tuple3(self)
+        self._track_tuple()
+
     # -- large byte payloads -------------------------------------------------------------------------
     def _bytes_payload(self, n: int):
         frame = getattr(getattr(self, "_unframer", None), "current_frame", 0)
@@ -614,6 +771,10 @@ class SafeUnpickler(pickle._Unpickler):
     dispatch[pickle.SETITEM[0]] = load_setitem
     dispatch[pickle.SETITEMS[0]] = load_setitems
     dispatch[pickle.ADDITEMS[0]] = load_additems
+    dispatch[pickle.TUPLE[0]] = load_tuple
+    dispatch[pickle.TUPLE1[0]] = load_tuple1
+    dispatch[pickle.TUPLE2[0]] = load_tuple2
+    dispatch[pickle.TUPLE3[0]] = load_tuple3
 
 
 def _set_numpy_dtype_state(inst: np.dtype, state, name: str) -> None:
@@ -624,7 +785,7 @@ def _set_numpy_dtype_state(inst: np.dtype, state, name: str) -> None:
         and all(_is_int(v) for v in state[5:])
     )
     if not ok:
-        raise CheckpointError(f"{name}: unsupported numpy dtype state {state!r}")
+        raise CheckpointError(f"{name}: unsupported numpy dtype state {short_repr(state)}")
     native = "<" if sys.byteorder == "little" else ">"
     if state[1] not in ("|", "=", native):
         inst.__setstate__((3, state[1], None, None, None, -1, -1, 0))
@@ -639,7 +800,11 @@ def plain_load(reader: BoundedReader, name: str):
 
 
 def torch_globals(name: str) -> dict[str, Any]:
-    """Allow-list shared by torch zip/legacy files and NVIDIA pickles: ``"module.name" -> stand-in``."""
+    """Allow-list shared by torch zip/legacy files and NVIDIA pickles: ``"module.name" -> stand-in``.
+
+    Use one allow-list per file: its tensor rebuilders share one `ViewBudget`.
+    """
+    budget = ViewBudget(name)
 
     def ordered_dict(*args):
         if len(args) > 1:
@@ -653,13 +818,13 @@ def torch_globals(name: str) -> dict[str, Any]:
 
     def rebuild_tensor(storage, storage_offset, size, stride, *_unused):
         dtype = storage.dtype if isinstance(storage, Storage) else np.float32
-        return LazyArray(storage, storage_offset, size, stride, dtype, name)
+        return budget.charge(LazyArray(storage, storage_offset, size, stride, dtype, name))
 
     def rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
                           metadata=None):
         if not isinstance(dtype, _Marker) or dtype.kind != "dtype":
             raise CheckpointError(f"{name}: _rebuild_tensor_v3 dtype is not a torch dtype")
-        return LazyArray(storage, storage_offset, size, stride, dtype.value(), name)
+        return budget.charge(LazyArray(storage, storage_offset, size, stride, dtype.value(), name))
 
     def rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
         if not isinstance(data, LazyArray):
@@ -668,14 +833,14 @@ def torch_globals(name: str) -> dict[str, Any]:
 
     def rebuild_from_type(func, new_type, args, state=None):
         if not isinstance(new_type, _Marker) or new_type.kind != "tensor-type":
-            raise UnsafeCheckpointError(f"{name}: tensor subclass {new_type!r} is not on the allow-list")
+            raise UnsafeCheckpointError(f"{name}: tensor subclass {short_repr(new_type)} is not on the allow-list")
         if func not in (rebuild_tensor, rebuild_tensor_v3, rebuild_parameter) or not isinstance(args, tuple):
             raise UnsafeCheckpointError(f"{name}: _rebuild_from_type_v2 with a non-allow-listed rebuild function")
         return func(*args)
 
     def numpy_scalar(dtype, data=None):
         if not isinstance(dtype, np.dtype) or dtype.kind not in "biufc" or data is None:
-            raise CheckpointError(f"{name}: unsupported numpy scalar of dtype {dtype!r}")
+            raise CheckpointError(f"{name}: unsupported numpy scalar of dtype {short_repr(dtype)}")
         if isinstance(data, str):  # protocol-2 / Python-2 byte strings
             data = data.encode("latin1")
         if not isinstance(data, (bytes, bytearray)) or len(data) != dtype.itemsize:
@@ -684,7 +849,7 @@ def torch_globals(name: str) -> dict[str, Any]:
 
     def numpy_dtype(spec, align=False, copy=False):
         if not isinstance(spec, str) or spec not in _NUMPY_DTYPE_NAMES or align not in (False, True, 0, 1):
-            raise CheckpointError(f"{name}: unsupported numpy dtype {spec!r}")
+            raise CheckpointError(f"{name}: unsupported numpy dtype {short_repr(spec)}")
         return np.dtype(spec, copy=True)  # fresh instance, so BUILD may set its byte order
 
     def codecs_encode(obj, encoding="utf-8", errors="strict"):
@@ -758,62 +923,77 @@ def storage_dtype(storage_type, name: str) -> np.dtype:
         # torch >= 2 zip files may name a torch dtype here instead of a storage class.
         if isinstance(storage_type, _Marker) and storage_type.kind == "dtype":
             return storage_type.value()
-        raise CheckpointError(f"{name}: persistent id names {storage_type!r}, expected a torch storage type")
+        raise CheckpointError(f"{name}: persistent id names {short_repr(storage_type)}, expected a torch storage type")
     return _np_dtype(storage_type.value)
 
 
 # ------------------------------------------------------------------------------------------------ tree walk
 
 
-def materialize(obj, *, arrays: bool = True):
+def materialize(obj, *, arrays: bool = True, name: str = "checkpoint"):
     """Replaces every `LazyArray` (and leftover `LazyBytes`) in a loaded tree, in place where possible.
 
+    The walk is memoised (shared sub-objects are visited once and stay shared) and bounded: a container that
+    contains itself, or nesting deeper than ``MAX_DEPTH``, is refused, so every later walk over the tree (module
+    graphs, messages, JSON) terminates quickly.
+
     Args:
-      obj: what a loader returned (dicts, lists, tuples, `Namespace`, `PersistentObject`, ...).
+      obj: what a loader returned (dicts, lists, tuples, sets, `Namespace`, `PersistentObject`, ...).
       arrays: False to keep `LazyArray`s and only resolve `LazyBytes`.
+      name: the file, for messages.
 
     Returns:
-      The same tree with numpy arrays; shared sub-objects stay shared.
+      The same tree with numpy arrays.
+
+    Raises:
+      CheckpointError: a cycle, or nesting deeper than ``MAX_DEPTH``.
     """
     memo: dict[int, Any] = {}
+    active: set[int] = set()
 
-    def walk(x):
+    def walk(x, depth: int):
         key = id(x)
         if key in memo:
             return memo[key]
+        if key in active:
+            raise CheckpointError(f"{name}: the pickled object graph has a cycle (a container inside itself); "
+                                  "torch.save and NVIDIA's pickles never write one")
+        if depth > MAX_DEPTH:
+            raise CheckpointError(f"{name}: the pickled object tree is nested more than {MAX_DEPTH} levels deep")
         if isinstance(x, LazyArray):
             out = x.numpy() if arrays else x
         elif isinstance(x, LazyBytes):
             out = x.read()
-        elif isinstance(x, dict):
-            memo[key] = x
-            for k in list(x):
-                x[k] = walk(x[k])
-            out = x
-        elif isinstance(x, list):
-            memo[key] = x
-            x[:] = [walk(v) for v in x]
-            out = x
-        elif isinstance(x, tuple):
-            out = tuple(walk(v) for v in x)
-        elif isinstance(x, Namespace):
-            memo[key] = x
-            for k in list(vars(x)):
-                setattr(x, k, walk(getattr(x, k)))
-            out = x
-        elif hasattr(x, "_materialize_children"):  # PersistentObject
-            memo[key] = x
-            x._materialize_children(walk)
-            out = x
+        elif isinstance(x, (dict, list, tuple, set, frozenset, Namespace)) or hasattr(x, "_materialize_children"):
+            active.add(key)
+            out = _walk_children(x, lambda v: walk(v, depth + 1))
+            active.discard(key)
         else:
             out = x
         memo[key] = out
         return out
 
-    try:
-        return walk(obj)
-    except RecursionError as e:
-        raise CheckpointError("checkpoint object tree is nested too deeply") from e
+    return walk(obj, 0)
+
+
+def _walk_children(x, walk):
+    """Applies ``walk`` to the members of container ``x``; mutable containers are updated in place."""
+    if isinstance(x, dict):
+        for k in list(x):
+            x[k] = walk(x[k])
+    elif isinstance(x, list):
+        x[:] = [walk(v) for v in x]
+    elif isinstance(x, tuple):
+        return tuple(walk(v) for v in x)
+    elif isinstance(x, (set, frozenset)):  # members are hashable scalars / tuples: checked, not replaced
+        for v in x:
+            walk(v)
+    elif isinstance(x, Namespace):
+        for k in list(vars(x)):
+            setattr(x, k, walk(getattr(x, k)))
+    else:  # PersistentObject
+        x._materialize_children(walk)
+    return x
 
 
 def make_reader_for_bytes(data, name: str) -> BoundedReader:
@@ -828,8 +1008,8 @@ def memory_source(data, offset: int, nbytes: int, name: str) -> _MemorySource:
     return _MemorySource(data, offset, nbytes, name)
 
 
-def zip_member_source(path: str, member: str, nbytes: int) -> _ZipMemberSource:
-    return _ZipMemberSource(path, member, nbytes)
+def zip_member_source(path: str, info: zipfile.ZipInfo, data_offset: int, stamp) -> _ZipMemberSource:
+    return _ZipMemberSource(path, info, data_offset, stamp)
 
 
 def file_stamp(path: str) -> tuple[int, int]:

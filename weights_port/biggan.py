@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zipfile
 from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointError, short_repr
 
 __all__ = [
     "FAMILIES",
@@ -56,6 +57,7 @@ WEIGHTS_NAME = "pytorch_model.bin"
 CONFIG_NAME = "config.json"
 
 _TORCH_KINDS = ("torch-zip", "torch-legacy")
+_LAYER_KEY = re.compile(r"generator\.layers\.(\d{1,6})(\.|$)")
 # BigGANConfig defaults (the 128 model), used for keys a config.json leaves out, as upstream does.
 _CONFIG_DEFAULTS = dict(
     output_dim=128, z_dim=128, class_embed_dim=128, channel_width=128, num_classes=1000,
@@ -169,16 +171,17 @@ def generator_from_config(config: Mapping[str, Any], truncation: float = 1.0):
             layers=layers, attention_layer_position=int(cfg["attention_layer_position"]),
             n_stats=int(cfg["n_stats"]), eps=float(cfg["eps"]), truncation=truncation,
         )
-    except (GeneratorError, TypeError, ValueError, IndexError) as e:
+        output_dim, class_embed_dim = int(cfg["output_dim"]), int(cfg["class_embed_dim"])
+    except (GeneratorError, TypeError, ValueError, LookupError, OverflowError) as e:
         raise CheckpointError(f"BigGAN config.json is not a valid BigGAN-deep config: {e}") from None
-    if int(cfg["output_dim"]) != gen.resolution:
+    if output_dim != gen.resolution:
         raise CheckpointError(
-            f"BigGAN config.json: output_dim {cfg['output_dim']} but the layers upsample 4 px to {gen.resolution} px"
+            f"BigGAN config.json: output_dim {output_dim} but the layers upsample 4 px to {gen.resolution} px"
         )
-    if int(cfg["class_embed_dim"]) != gen.z_dim:
+    if class_embed_dim != gen.z_dim:
         # Upstream ignores class_embed_dim: the embedding is num_classes -> z_dim.
         raise CheckpointError(
-            f"BigGAN config.json: class_embed_dim {cfg['class_embed_dim']} != z_dim {gen.z_dim}; "
+            f"BigGAN config.json: class_embed_dim {class_embed_dim} != z_dim {gen.z_dim}; "
             "pytorch-pretrained-biggan's embedding maps classes to z_dim, so the file cannot be consistent"
         )
     return gen
@@ -188,7 +191,7 @@ def _infer_published(sd: Mapping):
     """The published config whose state dict this is, or None."""
     from gansem.generators.biggan import BIGGAN_DEEP_CONFIGS, BigGANDeep
 
-    mods = {int(k.split(".")[2]) for k in sd if k.startswith("generator.layers.") and k.split(".")[2].isdigit()}
+    mods = {int(m.group(1)) for k in sd for m in [_LAYER_KEY.match(k)] if m}
     for res, cfg in BIGGAN_DEEP_CONFIGS.items():
         if len(mods) != len(cfg["layers"]) + 1:
             continue
@@ -204,6 +207,9 @@ def _state_dict(obj) -> Mapping:
         raise CheckpointError(
             f"expected a pytorch-pretrained-biggan state dict (name -> tensor); got {type(obj).__name__}"
         )
+    bad_key = next((k for k in obj if not isinstance(k, str)), None)
+    if bad_key is not None:
+        raise CheckpointError(f"BigGAN state dict: key {short_repr(bad_key)} is not a string")
     return obj
 
 
@@ -232,8 +238,8 @@ def _config_near(path: Optional[str]):
     try:
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{config_path}: cannot read BigGAN config ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, or a huge integer
+        raise CheckpointError(f"{config_path}: cannot read BigGAN config ({type(e).__name__}: {e})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path}: expected a JSON object (BigGANConfig)")
     return config, config_path
@@ -262,6 +268,8 @@ def describe(kind: str, obj, config: Optional[Mapping] = None, path: Optional[st
     }
     if config is not None:
         gen = generator_from_config(config)
+        for name, shape in torch_shapes(gen).items():
+            _check_tensor(sd, name, shape)
         info.update(resolution=gen.resolution, model=None)
     else:
         found = _infer_published(sd)
@@ -282,6 +290,11 @@ def _spectral_normalise(w: np.ndarray, u: np.ndarray, v: np.ndarray, name: str) 
 
 def _tensor(sd: Mapping, name: str, shape: tuple) -> np.ndarray:
     """``sd[name]`` as a numpy array after checking presence, shape and dtype (lazy arrays read here)."""
+    return np.asarray(_check_tensor(sd, name, shape))
+
+
+def _check_tensor(sd: Mapping, name: str, shape: tuple):
+    """``sd[name]`` after checking presence, shape and dtype, without reading it."""
     if name not in sd:
         raise CheckpointError(f"BigGAN state dict: missing tensor {name!r} (expected shape {list(shape)})")
     a = sd[name]
@@ -293,7 +306,7 @@ def _tensor(sd: Mapping, name: str, shape: tuple) -> np.ndarray:
         )
     if not np.issubdtype(np.dtype(a.dtype), np.floating):
         raise CheckpointError(f"BigGAN state dict: {name!r} has dtype {a.dtype}, expected floating point")
-    return np.asarray(a)
+    return a
 
 
 def convert(kind: str, obj, config: Optional[Mapping] = None, truncation: float = 1.0,

@@ -7,6 +7,7 @@ this module reads a file once with the allow-list reader and dispatches.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import os
@@ -85,10 +86,25 @@ def find_converter(kind: str, obj, family: Optional[str] = None, path: str = "?"
     )
 
 
+@contextlib.contextmanager
+def _naming(path: str):
+    """Converter errors name the file: `CheckpointError`s, and the `GeneratorError` of a config the generator
+    refuses, leave as `CheckpointError`s that start with ``path``."""
+    from gansem.generators.base import GeneratorError
+
+    try:
+        yield
+    except (CheckpointError, GeneratorError) as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise (type(e) if isinstance(e, CheckpointError) else CheckpointError)(f"{path}: {e}") from e
+
+
 def inspect_file(path: str, family: Optional[str] = None) -> dict:
     kind, obj = read_checkpoint(path)
-    mod = find_converter(kind, obj, family, path)
-    info = dict(_call(mod.describe, kind, obj, path))
+    with _naming(path):
+        mod = find_converter(kind, obj, family, path)
+        info = dict(_call(mod.describe, kind, obj, path))
     info.setdefault("format", kind)
     info["path"] = os.path.abspath(path)
     return info
@@ -97,8 +113,9 @@ def inspect_file(path: str, family: Optional[str] = None) -> dict:
 def convert_file(path: str, family: Optional[str] = None):
     """``(generator, params, info)`` from an original checkpoint file."""
     kind, obj = read_checkpoint(path)
-    mod = find_converter(kind, obj, family, path)
-    gen, params, info = _call(mod.convert, kind, obj, path)
+    with _naming(path):
+        mod = find_converter(kind, obj, family, path)
+        gen, params, info = _call(mod.convert, kind, obj, path)
     info = dict(info)
     info.update({"path": os.path.abspath(path), "format": kind, "converter": mod.__name__})
     return gen, params, info

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointError, short_repr
 
 __all__ = ["FAMILIES", "matches", "describe", "convert", "bundled_weights_path", "BUNDLED_SHA256"]
 
@@ -35,6 +36,9 @@ def bundled_weights_path() -> str:
     return path
 
 
+_KEY = re.compile(r"main\.(\d{1,3})\.(weight|bias|running_mean|running_var|num_batches_tracked)")
+
+
 def _state_dict(obj):
     if isinstance(obj, dict) and "netG_state_dict" in obj:
         obj = obj["netG_state_dict"]
@@ -47,36 +51,55 @@ def matches(kind: str, obj) -> bool:
 
 
 def _layout(sd):
-    convs = sorted((int(k.split(".")[1]) for k in sd if k.endswith(".weight") and np.ndim(sd[k]) == 4),)
-    if not convs:
-        raise CheckpointError("no ConvTranspose2d weights (main.<i>.weight with 4 dims) found")
+    """Module indices of the ConvTranspose2d layers, after checking every key and value of the state dict."""
+    for k, v in sd.items():
+        if not isinstance(k, str) or not _KEY.fullmatch(k):
+            raise CheckpointError(f"DCGAN state dict: unexpected key {short_repr(k)} (expected main.<i>.weight, "
+                                  ".bias, .running_mean, .running_var, .num_batches_tracked)")
+        if not isinstance(v, np.ndarray):
+            raise CheckpointError(f"DCGAN state dict: {k!r} is a {type(v).__name__}, not a tensor")
+    convs = sorted(int(k.split(".")[1]) for k in sd if k.endswith(".weight") and sd[k].ndim == 4)
+    if len(convs) < 2:
+        raise CheckpointError("DCGAN state dict: expected at least two ConvTranspose2d weights "
+                              "(main.<i>.weight with 4 dims)")
     return convs
+
+
+def _generator(sd):
+    """``(DCGAN, ConvTranspose2d module indices)`` for a state dict whose keys, values and sizes check out."""
+    from gansem.generators.base import GeneratorError
+    from gansem.generators.dcgan import DCGAN
+
+    if sd is None:
+        raise CheckpointError("expected a DCGAN state dict (or {'netG_state_dict': ...})")
+    convs = _layout(sd)
+    w0 = sd[f"main.{convs[0]}.weight"]
+    nz, c0 = int(w0.shape[0]), int(w0.shape[1])
+    num_blocks = len(convs) - 1
+    ngf = c0 // 2 ** (num_blocks - 1)
+    if ngf * 2 ** (num_blocks - 1) != c0:
+        raise CheckpointError(f"DCGAN state dict: {c0} channels after the first layer is not ngf * 2^{num_blocks - 1}")
+    try:
+        gen = DCGAN(nz=nz, ngf=ngf, nc=int(sd[f"main.{convs[-1]}.weight"].shape[1]), num_blocks=num_blocks)
+    except GeneratorError as e:
+        raise CheckpointError(f"DCGAN state dict: unsupported generator config ({e})") from None
+    return gen, convs
 
 
 def describe(kind: str, obj) -> dict:
     sd = _state_dict(obj)
-    convs = _layout(sd)
-    nz = int(np.shape(sd[f"main.{convs[0]}.weight"])[0])
-    n_params = int(sum(int(np.prod(np.shape(v))) for k, v in sd.items() if "num_batches" not in k))
+    gen, _ = _generator(sd)
+    n_params = int(sum(v.size for k, v in sd.items() if "num_batches" not in k))
     return {
-        "family": "dcgan", "format": kind, "resolution": 4 * 2 ** (len(convs) - 1),
-        "conditional": False, "num_classes": 0, "latent_dim": nz, "num_parameters": n_params,
+        "family": "dcgan", "format": kind, "resolution": gen.resolution,
+        "conditional": False, "num_classes": 0, "latent_dim": gen.nz, "num_parameters": n_params,
     }
 
 
 def convert(kind: str, obj):
-    from gansem.generators.dcgan import DCGAN
-
     sd = _state_dict(obj)
-    if sd is None:
-        raise CheckpointError("expected a DCGAN state dict (or {'netG_state_dict': ...})")
-    convs = _layout(sd)
-    w0 = np.asarray(sd[f"main.{convs[0]}.weight"])
-    nz, c0 = int(w0.shape[0]), int(w0.shape[1])
-    num_blocks = len(convs) - 1
-    ngf = c0 // 2 ** (num_blocks - 1)
-    nc = int(np.shape(sd[f"main.{convs[-1]}.weight"])[1])
-    gen = DCGAN(nz=nz, ngf=ngf, nc=nc, num_blocks=num_blocks)
+    gen, convs = _generator(sd)
+    num_blocks = gen.num_blocks
     params = {}
     for i, ci in enumerate(convs):
         w = np.asarray(sd[f"main.{ci}.weight"], np.float32)  # [in, out, k, k]

@@ -30,7 +30,7 @@ import re
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointError, short_repr
 
 __all__ = ["FAMILIES", "matches", "describe", "convert", "detect_variant"]
 
@@ -64,7 +64,7 @@ def detect_variant(sd) -> str | None:
     """``'pggan' | 'stylegan' | 'stylegan2' | 'pggan-legacy' | 'stylegan-legacy' | None``."""
     if not isinstance(sd, dict):
         return None
-    keys = sd.keys()
+    keys = {k for k in sd if isinstance(k, str)}
     if "synthesis.early_layer.const" in keys or any(
         k.startswith("synthesis.") and k.endswith(".noise_strength") for k in keys
     ):
@@ -99,6 +99,10 @@ def _checked_variant(kind, obj):
             "like 'layer0.weight'/'output0.weight' (PGGAN) or 'mapping.dense0.weight'/'synthesis.layer0.const' "
             "(StyleGAN)"
         )
+    bad_key = next((k for k in sd if not isinstance(k, str)), None)
+    if bad_key is not None:
+        raise CheckpointError(f"genforce checkpoint: state dict key {short_repr(bad_key)} is not a string; "
+                              "not a state dict torch wrote")
     if variant == "stylegan2":
         raise CheckpointError(_SG2_MESSAGE)
     if variant == "stylegan-legacy":
@@ -141,11 +145,21 @@ def _indices(sd, pattern):
     return sorted(int(m.group(1)) for k in sd for m in [rx.fullmatch(k)] if m)
 
 
+def _generator(cls, layout: dict):
+    """``cls(**layout)``; a layout the generator refuses becomes a `CheckpointError`."""
+    from gansem.generators.base import GeneratorError
+
+    try:
+        return cls(**layout)
+    except GeneratorError as e:
+        raise CheckpointError(f"genforce checkpoint: unsupported generator config ({e})") from None
+
+
 def _check_lod(sd, key):
     """Only final models (level of detail 0) are supported; an absent buffer counts as 0."""
     if key not in sd:
         return
-    lod = np.asarray(sd[key], dtype=np.float64).reshape(-1)
+    lod = np.asarray(_get(sd, key), dtype=np.float64).reshape(-1)
     if lod.size != 1 or lod[0] != 0.0:
         raise CheckpointError(
             f"{key!r} = {lod.tolist()}: this is a progressive-growing snapshot at a lower level of detail; "
@@ -154,9 +168,10 @@ def _check_lod(sd, key):
 
 
 def _num_layers(layers, what):
-    if not layers or layers != list(range(len(layers))) or len(layers) % 2 or len(layers) < 4:
+    if not layers or layers != list(range(len(layers))) or len(layers) % 2 or not 4 <= len(layers) <= 18:
         raise CheckpointError(
-            f"{what}: expected layer indices 0..2B-1 (two per resolution, B ≥ 2), found {layers[:20]}"
+            f"{what}: expected layer indices 0..2B-1 (two per resolution 4 ... 1024 px, 2 ≤ B ≤ 9), found "
+            f"{layers[:20]}{' ...' if len(layers) > 20 else ''}"
         )
     return len(layers)
 
@@ -185,7 +200,7 @@ def _num_parameters(sd):
 # -- PGGAN -------------------------------------------------------------------------------
 
 def _pggan_layout(sd):
-    n = _num_layers(_indices(sd, r"layer(\d+)\.weight"), "PGGAN")
+    n = _num_layers(_indices(sd, r"layer(\d{1,6})\.weight"), "PGGAN")
     blocks = n // 2
     resolution = 4 * 2 ** (blocks - 1)
     w0 = _get(sd, "layer0.weight")
@@ -201,7 +216,7 @@ def _convert_pggan(sd):
     from gansem.generators.pggan import PGGAN
 
     _check_lod(sd, "lod")
-    gen = PGGAN(**_pggan_layout(sd))
+    gen = _generator(PGGAN, _pggan_layout(sd))
     ch, p = gen.channels, {}
     for b, c in enumerate(ch):
         cin0, k0 = (gen.z_dim, 4) if b == 0 else (ch[b - 1], 3)
@@ -223,7 +238,7 @@ def _convert_pggan(sd):
 def _stylegan_layout(sd):
     if "mapping.label_weight" in sd:
         raise CheckpointError("conditional genforce StyleGAN (mapping.label_weight) is not supported")
-    dense = _indices(sd, r"mapping\.dense(\d+)\.weight")
+    dense = _indices(sd, r"mapping\.dense(\d{1,6})\.weight")
     if not dense or dense != list(range(len(dense))):
         raise CheckpointError(f"StyleGAN mapping: expected mapping.dense0..dense<L-1>.weight, found {dense}")
     d0 = _get(sd, "mapping.dense0.weight")
@@ -237,7 +252,7 @@ def _stylegan_layout(sd):
             f"'truncation.w_avg' has shape {tuple(w_avg.shape)}, expected ({w_dim},): only repeat_w=True "
             "(one w for all layers, the published setting) is supported"
         )
-    n = _num_layers(_indices(sd, r"synthesis\.layer(\d+)\.style\.weight"), "StyleGAN synthesis")
+    n = _num_layers(_indices(sd, r"synthesis\.layer(\d{1,6})\.style\.weight"), "StyleGAN synthesis")
     blocks = n // 2
     resolution = 4 * 2 ** (blocks - 1)
     if "synthesis.layer0.const" not in sd:
@@ -260,7 +275,7 @@ def _convert_stylegan(sd):
     from gansem.generators.stylegan import StyleGAN
 
     _check_lod(sd, "synthesis.lod")
-    gen = StyleGAN(**_stylegan_layout(sd))
+    gen = _generator(StyleGAN, _stylegan_layout(sd))
     mapping = {}
     for i in range(gen.mapping_layers):
         din = gen.z_dim if i == 0 else gen.mapping_fmaps
@@ -320,8 +335,12 @@ def _warnings(entry):
 
 def describe(kind: str, obj) -> dict:
     """Family, resolution and sizes of a genforce checkpoint, without converting it."""
+    from gansem.generators.pggan import PGGAN
+    from gansem.generators.stylegan import StyleGAN
+
     sd, entry, variant = _checked_variant(kind, obj)
     layout = _pggan_layout(sd) if variant == "pggan" else _stylegan_layout(sd)
+    _generator(PGGAN if variant == "pggan" else StyleGAN, layout)
     return {
         "family": variant,
         "format": f"genforce-{variant} ({kind})",

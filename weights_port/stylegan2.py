@@ -41,12 +41,15 @@ Two source formats produce the same parameter tree:
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointError, short_repr
+from .torch_reader import LazyArray, PersistentObject
 
 __all__ = ["FAMILIES", "matches", "describe", "convert", "is_stylegan3", "nvidia_generator_config",
            "rosinality_generator_config"]
@@ -78,28 +81,12 @@ def _g_ema(obj):
 
 def _nvidia_tensors(g) -> dict:
     """``{'mapping.fc0.weight': tensor}`` of ``G_ema`` without reading tensor data (lazy arrays stay lazy)."""
-    state = getattr(g, "state", None)
-    if not isinstance(state, Mapping):  # not a reader PersistentObject: fall back to its own listing
-        try:
-            return dict(g.named_tensors())
-        except Exception as e:
-            raise CheckpointError(f"NVIDIA pickle: cannot list G_ema tensors ({e})") from e
-    out: dict = {}
-
-    def walk(node, prefix):
-        st = getattr(node, "state", None)
-        if not isinstance(st, Mapping):
-            raise CheckpointError(f"NVIDIA pickle: G_ema sub-module {prefix[:-1]!r} is not a network object")
-        for group in ("_parameters", "_buffers"):
-            for name, value in (st.get(group) or {}).items():
-                if value is not None:
-                    out[prefix + name] = value
-        for name, sub in (st.get("_modules") or {}).items():
-            if sub is not None:
-                walk(sub, prefix + name + ".")
-
-    walk(g, "")
-    return out
+    if isinstance(g, PersistentObject):
+        return g.named_tensors(lazy=True)
+    try:  # not a reader PersistentObject: its own listing
+        return dict(g.named_tensors())
+    except Exception as e:
+        raise CheckpointError(f"NVIDIA pickle: cannot list G_ema tensors ({e})") from e
 
 
 def _rosinality_state(obj):
@@ -147,82 +134,137 @@ _IGNORED_KWARGS = {
 }
 
 
+def _kwargs_dict(value, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise CheckpointError(f"NVIDIA pickle: G_ema.{where} is {short_repr(value)}, expected a dict of keyword "
+                              "arguments")
+    return dict(value)
+
+
+def _int_kwarg(value, name: str, optional: bool = False) -> int | None:
+    if optional and value is None:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    raise CheckpointError(f"NVIDIA pickle: G_ema.init_kwargs {name} = {short_repr(value)} is not an integer")
+
+
+def _float_kwarg(value, name: str, optional: bool = False) -> float | None:
+    if optional and value is None:
+        return None
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value):
+        return float(value)
+    raise CheckpointError(f"NVIDIA pickle: G_ema.init_kwargs {name} = {short_repr(value)} is not a finite number")
+
+
+def _plain(value, name: str):
+    """An ignored kwarg's value as a JSON scalar, for the info dict."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise CheckpointError(f"NVIDIA pickle: G_ema.init_kwargs {name} = {short_repr(value)} is not a scalar")
+
+
 def nvidia_generator_config(g) -> tuple[dict, dict]:
     """Read the StyleGAN2 config from ``G_ema.init_kwargs``.
+
+    Every value is type-checked here; ranges are checked by `StyleGAN2` itself.
 
     Returns:
         ``(fields for StyleGAN2(...), info dict with ignored/fp16 settings)``.
 
     Raises:
-        CheckpointError: StyleGAN3 networks, unsupported activations/architectures/filters.
+        CheckpointError: StyleGAN3 networks, unsupported activations/architectures/filters, wrong-typed values.
     """
     if is_stylegan3(g):
         raise CheckpointError(_SG3_REFUSAL)
-    kw = dict(getattr(g, "init_kwargs", None) or {})
     if getattr(g, "class_name", "Generator") != "Generator":
-        raise CheckpointError(f"NVIDIA pickle: G_ema is a {g.class_name!r}, expected 'Generator'")
+        raise CheckpointError(f"NVIDIA pickle: G_ema is a {short_repr(g.class_name)}, expected 'Generator'")
+    kw = _kwargs_dict(getattr(g, "init_kwargs", None), "init_kwargs")
     missing = [k for k in ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels") if k not in kw]
     if missing:
         raise CheckpointError(
             f"NVIDIA pickle: G_ema.init_kwargs lacks {missing} (has {sorted(kw)}); not a StyleGAN2 Generator"
         )
-    mk = dict(kw.get("mapping_kwargs") or {})
-    sk = dict(kw.get("synthesis_kwargs") or {})
-    info: dict[str, Any] = {"ignored_init_kwargs": {}}
-    if sk.get("num_fp16_res", 0):
-        info["fp16"] = (f"num_fp16_res={sk['num_fp16_res']} in the file; gansem runs every block in float32 "
+    mk = _kwargs_dict(kw.get("mapping_kwargs"), "init_kwargs.mapping_kwargs")
+    sk = _kwargs_dict(kw.get("synthesis_kwargs"), "init_kwargs.synthesis_kwargs")
+    ignored = {k: _plain(src.pop(k), k) for src in (mk, sk) for k in list(src) if k in _IGNORED_KWARGS}
+    info: dict[str, Any] = {"ignored_init_kwargs": ignored}
+    if ignored.get("num_fp16_res"):
+        info["fp16"] = (f"num_fp16_res={ignored['num_fp16_res']} in the file; gansem runs every block in float32 "
                         "(NVIDIA's force_fp32=True)")
-    for src in (mk, sk):
-        for k in list(src):
-            if k in _IGNORED_KWARGS:
-                info["ignored_init_kwargs"][k] = src.pop(k)
     for name, act in (("mapping", mk.pop("activation", "lrelu")), ("synthesis", sk.pop("activation", "lrelu"))):
-        if act != "lrelu":
-            raise CheckpointError(f"NVIDIA pickle: {name} activation {act!r} is not supported (only 'lrelu')")
+        if not isinstance(act, str) or act != "lrelu":
+            raise CheckpointError(f"NVIDIA pickle: {name} activation {short_repr(act)} is not supported "
+                                  "(only 'lrelu')")
     arch = sk.pop("architecture", "skip")
-    if arch not in ("skip", "resnet"):
-        raise CheckpointError(f"NVIDIA pickle: synthesis architecture {arch!r} is not supported (skip, resnet)")
+    if not isinstance(arch, str) or arch not in ("skip", "resnet"):
+        raise CheckpointError(f"NVIDIA pickle: synthesis architecture {short_repr(arch)} is not supported "
+                              "(skip, resnet)")
+    use_noise = sk.pop("use_noise", True)
+    if not isinstance(use_noise, (bool, np.bool_)):
+        raise CheckpointError(f"NVIDIA pickle: G_ema.init_kwargs use_noise = {short_repr(use_noise)} is not a bool")
+    resample_filter = sk.pop("resample_filter", (1, 3, 3, 1))
+    if not isinstance(resample_filter, (list, tuple)) or not 1 <= len(resample_filter) <= 16:
+        raise CheckpointError(f"NVIDIA pickle: resample_filter {short_repr(resample_filter)} is not a list of "
+                              "1 to 16 taps")
+    taps = [_float_kwarg(v, "resample_filter") for v in resample_filter]
     fields = dict(
-        z_dim=int(kw["z_dim"]), c_dim=int(kw["c_dim"]), w_dim=int(kw["w_dim"]),
-        img_resolution=int(kw["img_resolution"]), img_channels=int(kw["img_channels"]),
-        mapping_layers=int(mk.pop("num_layers", 8)),
-        mapping_lr_multiplier=float(mk.pop("lr_multiplier", 0.01)),
-        embed_features=mk.pop("embed_features", None), layer_features=mk.pop("layer_features", None),
-        channel_base=int(sk.pop("channel_base", 32768)), channel_max=int(sk.pop("channel_max", 512)),
-        conv_clamp=sk.pop("conv_clamp", None), architecture=arch,
-        use_noise=bool(sk.pop("use_noise", True)),
-        resample_filter=tuple(int(v) if float(v).is_integer() else float(v)
-                              for v in sk.pop("resample_filter", (1, 3, 3, 1))),
+        **{k: _int_kwarg(kw[k], k) for k in ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels")},
+        mapping_layers=_int_kwarg(mk.pop("num_layers", 8), "num_layers"),
+        mapping_lr_multiplier=_float_kwarg(mk.pop("lr_multiplier", 0.01), "lr_multiplier"),
+        embed_features=_int_kwarg(mk.pop("embed_features", None), "embed_features", optional=True),
+        layer_features=_int_kwarg(mk.pop("layer_features", None), "layer_features", optional=True),
+        channel_base=_int_kwarg(sk.pop("channel_base", 32768), "channel_base"),
+        channel_max=_int_kwarg(sk.pop("channel_max", 512), "channel_max"),
+        conv_clamp=_float_kwarg(sk.pop("conv_clamp", None), "conv_clamp", optional=True),
+        architecture=arch, use_noise=bool(use_noise),
+        resample_filter=tuple(int(v) if v.is_integer() else v for v in taps),
         weights_convention="nvidia",
     )
-    for k in ("embed_features", "layer_features"):
-        if fields[k] is not None:
-            fields[k] = int(fields[k])
-    if fields["conv_clamp"] is not None:
-        fields["conv_clamp"] = float(fields["conv_clamp"])
-    leftover = {f"mapping_kwargs.{k}": v for k, v in mk.items()}
-    leftover.update({f"synthesis_kwargs.{k}": v for k, v in sk.items()})
+    leftover = [f"mapping_kwargs.{k}" for k in mk] + [f"synthesis_kwargs.{k}" for k in sk]
     if leftover:
         raise CheckpointError(f"NVIDIA pickle: unsupported Generator options {leftover}")
     return fields, info
 
 
-def _convert_nvidia(obj):
+def _generator(fields: dict, where: str):
+    """``StyleGAN2(**fields)``; a config it refuses becomes a `CheckpointError` saying where it came from."""
+    from gansem.generators.base import GeneratorError
     from gansem.generators.stylegan2 import StyleGAN2
 
+    try:
+        return StyleGAN2(**fields)
+    except GeneratorError as e:
+        raise CheckpointError(f"{where}: unsupported generator config ({e})") from None
+
+
+def _check_nvidia_tensors(gen, tensors: dict) -> None:
+    """Every tensor the config implies is present with its shape (nothing is read)."""
+    for flat, shape in _expected_shapes(gen).items():
+        name = _nvidia_key(flat)
+        if name not in tensors:
+            raise CheckpointError(f"NVIDIA pickle: G_ema has no tensor {name!r} (expected shape {shape} for the "
+                                  "config in its init_kwargs)")
+        if _shape(tensors[name]) != shape:
+            raise CheckpointError(f"NVIDIA pickle: tensor {name!r} has shape {_shape(tensors[name])}, expected "
+                                  f"{shape} for the config in G_ema.init_kwargs")
+
+
+def _convert_nvidia(obj):
     g = _g_ema(obj)
     if g is None:
         raise CheckpointError("NVIDIA pickle has no 'G_ema' entry (expected a training snapshot dict)")
     fields, info = nvidia_generator_config(g)
-    gen = StyleGAN2(**fields)
+    gen = _generator(fields, "NVIDIA pickle: G_ema.init_kwargs")
     tensors = _nvidia_tensors(g)
-
-    def fetch(name):
-        if name not in tensors:
-            raise CheckpointError(f"NVIDIA pickle: G_ema has no tensor {name!r}")
-        return tensors[name]
-
-    params = _fill(gen, fetch, lambda flat: _nvidia_key(flat), "NVIDIA pickle")
+    _check_nvidia_tensors(gen, tensors)
+    params = _fill(gen, tensors.__getitem__, _nvidia_key, "NVIDIA pickle")
     f = _filter_np(gen)
     used = {_nvidia_key(k) for k in _expected_shapes(gen)}
     for name in sorted(set(tensors) - used):
@@ -239,29 +281,55 @@ def _convert_nvidia(obj):
 
 # -- rosinality ----------------------------------------------------------------------------------
 
+def _check_state_dict(sd, where: str) -> None:
+    """Every key is a string and every value a tensor."""
+    for k, v in sd.items():
+        if not isinstance(k, str):
+            raise CheckpointError(f"{where}: key {short_repr(k)} is not a string")
+        if not isinstance(v, (LazyArray, np.ndarray)):
+            raise CheckpointError(f"{where}: {k!r} is a {type(v).__name__}, not a tensor")
+
+
 def _ros_count(sd, pattern):
     rx = re.compile(pattern)
     return sorted({int(m.group(1)) for k in sd for m in [rx.match(k)] if m})
 
 
+def _ros_shape(sd, key: str, ndim: int) -> tuple:
+    if key not in sd:
+        raise CheckpointError(f"rosinality checkpoint: g_ema has no tensor {key!r}")
+    shape = _shape(sd[key])
+    if len(shape) != ndim:
+        raise CheckpointError(f"rosinality checkpoint: {key!r} has shape {shape}, expected {ndim} dimensions")
+    return shape
+
+
 def rosinality_generator_config(sd) -> dict:
     """Infer StyleGAN2 fields from a rosinality ``g_ema`` state dict (shapes only)."""
-    for k in ("style.1.weight", "input.input", "conv1.conv.weight"):
-        if k not in sd:
-            raise CheckpointError(f"rosinality checkpoint: g_ema has no tensor {k!r}")
-    styles = _ros_count(sd, r"^style\.(\d+)\.weight$")
-    if styles != list(range(1, len(styles) + 1)):
-        raise CheckpointError(f"rosinality checkpoint: mapping layers style.{{1..n}} expected, found {styles}")
-    convs = _ros_count(sd, r"^convs\.(\d+)\.conv\.weight$")
+    _check_state_dict(sd, "rosinality checkpoint: g_ema")
+    styles = _ros_count(sd, r"^style\.(\d{1,6})\.weight$")
+    if not styles or styles != list(range(1, len(styles) + 1)):
+        raise CheckpointError(f"rosinality checkpoint: mapping layers style.{{1..n}} expected, found {styles[:20]}")
+    convs = _ros_count(sd, r"^convs\.(\d{1,6})\.conv\.weight$")
     if convs != list(range(len(convs))) or len(convs) % 2:
-        raise CheckpointError(f"rosinality checkpoint: convs.{{0..2k-1}} expected, found indices {convs}")
-    style_dim = int(_shape(sd["style.1.weight"])[1])
-    chs = [int(_shape(sd["conv1.conv.weight"])[1])]
-    chs += [int(_shape(sd[f"convs.{2 * i}.conv.weight"])[1]) for i in range(len(convs) // 2)]
+        raise CheckpointError(f"rosinality checkpoint: convs.{{0..2k-1}} expected, found indices {convs[:20]}")
+    from gansem.generators.base import MAX_RESOLUTION
+
+    if 4 << len(convs) // 2 > MAX_RESOLUTION:
+        raise CheckpointError(f"rosinality checkpoint: {len(convs)} synthesis convs make a generator of more than "
+                              f"{MAX_RESOLUTION} px")
+    style_dim = _ros_shape(sd, "style.1.weight", 2)[1]
+    for i in styles:
+        if _ros_shape(sd, f"style.{i}.weight", 2) != (style_dim, style_dim):
+            raise CheckpointError(f"rosinality checkpoint: mapping layer 'style.{i}.weight' has shape "
+                                  f"{_shape(sd[f'style.{i}.weight'])}, expected ({style_dim}, {style_dim})")
+    _ros_shape(sd, "input.input", 4)
+    chs = [_ros_shape(sd, "conv1.conv.weight", 5)[1]]
+    chs += [_ros_shape(sd, f"convs.{2 * i}.conv.weight", 5)[1] for i in range(len(convs) // 2)]
     res = 4 * 2 ** (len(chs) - 1)
     rs = [4 * 2 ** k for k in range(len(chs))]
     fields = dict(z_dim=style_dim, c_dim=0, w_dim=style_dim, img_resolution=res,
-                  img_channels=int(_shape(sd["to_rgb1.conv.weight"])[1]) if "to_rgb1.conv.weight" in sd else 3,
+                  img_channels=_ros_shape(sd, "to_rgb1.conv.weight", 5)[1] if "to_rgb1.conv.weight" in sd else 3,
                   mapping_layers=len(styles), mapping_lr_multiplier=0.01, conv_clamp=None,
                   architecture="skip", truncation_cutoff=None, weights_convention="rosinality")
     cmax = max(chs)
@@ -272,6 +340,23 @@ def rosinality_generator_config(sd) -> dict:
     else:
         fields.update(channels=tuple(chs))
     return fields
+
+
+def _check_rosinality_tensors(gen, sd) -> None:
+    """Every tensor the config implies is present with its number of elements (nothing is read); only
+    ``latent_avg`` may be missing (it is then estimated)."""
+    for flat, shape in _expected_shapes(gen).items():
+        name = _nvidia_key(flat)
+        key, _ = _ros_key(name)
+        if key not in sd:
+            if key == "latent_avg":
+                continue
+            raise CheckpointError(f"rosinality checkpoint: g_ema has no tensor {key!r} (needed for {name})")
+        if not isinstance(sd[key], (LazyArray, np.ndarray)):
+            raise CheckpointError(f"rosinality checkpoint: {key!r} is a {type(sd[key]).__name__}, not a tensor")
+        if math.prod(_shape(sd[key])) != math.prod(shape):
+            raise CheckpointError(f"rosinality checkpoint: tensor {key!r} has shape {_shape(sd[key])}, expected "
+                                  f"{math.prod(shape)} elements (for {name} {shape}) with this config")
 
 
 def _ros_key(name: str) -> tuple[str, Any]:
@@ -310,12 +395,15 @@ def _ros_key(name: str) -> tuple[str, Any]:
     raise CheckpointError(f"internal: no rosinality key for {name}")
 
 
-def _estimate_w_avg(sd, fields, n=4096, seed=0):
-    """Mean mapping output over ``n`` z (rosinality ``mean_latent``), in float64 numpy."""
-    z = np.random.default_rng(seed).standard_normal((n, fields["z_dim"]))
+def _estimate_w_avg(sd, gen, n=4096, seed=0):
+    """Mean mapping output over ``n`` z (rosinality ``mean_latent``), in float64 numpy.
+
+    ``gen`` must have been checked against ``sd`` (`_check_rosinality_tensors`): buffers are ``n x z_dim``.
+    """
+    z = np.random.default_rng(seed).standard_normal((n, gen.z_dim))
     x = z / np.sqrt(np.mean(z * z, axis=1, keepdims=True) + 1e-8)
-    lr = fields["mapping_lr_multiplier"]
-    for i in range(fields["mapping_layers"]):
+    lr = gen.mapping_lr_multiplier
+    for i in range(gen.mapping_layers):
         w = np.asarray(sd[f"style.{i + 1}.weight"], np.float64)
         b = np.asarray(sd[f"style.{i + 1}.bias"], np.float64)
         x = x @ (w * (lr / np.sqrt(w.shape[1]))).T + b * lr
@@ -324,22 +412,21 @@ def _estimate_w_avg(sd, fields, n=4096, seed=0):
 
 
 def _convert_rosinality(obj):
-    from gansem.generators.stylegan2 import StyleGAN2
-
     sd = _rosinality_state(obj)
     if sd is None:
         raise CheckpointError("expected a rosinality checkpoint ({'g_ema': state_dict, 'latent_avg': ...})")
-    fields = rosinality_generator_config(sd)
-    gen = StyleGAN2(**fields)
+    gen = _generator(rosinality_generator_config(sd), "rosinality checkpoint")
     info: dict[str, Any] = {"converter": "weights_port.stylegan2", "source_format": "rosinality",
                             "mapping_lr_multiplier": "0.01 (rosinality default lr_mlp; not stored in the file)"}
     extra = dict(sd)
     latent_avg = obj.get("latent_avg") if isinstance(obj, Mapping) and "g_ema" in obj else None
+    if latent_avg is not None:
+        extra["latent_avg"] = latent_avg
+    _check_rosinality_tensors(gen, extra)
     if latent_avg is None:
-        extra["latent_avg"] = _estimate_w_avg(sd, fields)
+        extra["latent_avg"] = _estimate_w_avg(sd, gen)
         info["w_avg"] = "estimated: mean mapping output over 4096 z (numpy default_rng(0)); the file has no latent_avg"
     else:
-        extra["latent_avg"] = latent_avg
         info["w_avg"] = "latent_avg from the file"
     used = set()
 
@@ -415,18 +502,19 @@ def describe(kind: str, obj) -> dict:
         if is_stylegan3(g):
             raise CheckpointError(_SG3_REFUSAL)
         fields, info = nvidia_generator_config(g)
-        n = _count({k: v for k, v in _nvidia_tensors(g).items() if not k.endswith("resample_filter")})
+        gen = _generator(fields, "NVIDIA pickle: G_ema.init_kwargs")
+        tensors = _nvidia_tensors(g)
+        _check_nvidia_tensors(gen, tensors)
+        n = _count({k: v for k, v in tensors.items() if not k.endswith("resample_filter")})
         fmt = "nvidia-pickle (stylegan2-ada-pytorch)"
     else:
         sd = _rosinality_state(obj)
         if sd is None:
             raise CheckpointError("not a rosinality StyleGAN2 checkpoint (no 'g_ema' with style.*/conv1.* keys)")
-        fields, info = rosinality_generator_config(sd), {}
-        n = _count({k: v for k, v in sd.items() if not k.endswith("kernel")}) + fields["w_dim"]
+        gen, info = _generator(rosinality_generator_config(sd), "rosinality checkpoint"), {}
+        _check_rosinality_tensors(gen, sd)
+        n = _count({k: v for k, v in sd.items() if not k.endswith("kernel")}) + gen.w_dim
         fmt = f"rosinality ({kind})"
-    from gansem.generators.stylegan2 import StyleGAN2
-
-    gen = StyleGAN2(**fields)
     return {
         "family": "stylegan2", "format": fmt, "resolution": gen.img_resolution,
         "conditional": gen.c_dim > 0, "num_classes": gen.c_dim, "num_parameters": n,

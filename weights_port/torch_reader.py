@@ -18,6 +18,20 @@ Every pickle is read by an allow-list unpickler (`weights_port._pickle_safe.Safe
 list raises `UnsafeCheckpointError` naming it; nothing from the file is imported or executed. Corrupt, truncated
 or unrecognised files raise `CheckpointError` naming the file and what was expected.
 
+Memory bound. Reading a file of S bytes, whose tensors' storages hold T bytes (T <= S, except deflated zip members,
+which may inflate to at most ``INFLATE_FACTOR x S + INFLATE_SLACK`` bytes in all), costs at most
+
+* the unpickled Python objects themselves (Python's per-object overhead: at most a few hundred bytes per byte of
+  pickle, and a real pickle is a small part of its file; allow-listed calls copy at most ``COPY_FACTOR x`` the
+  pickle's length, and tuples nest at most ``MAX_DEPTH`` deep),
+* ``VIEW_FACTOR x T + VIEW_SLACK`` for all tensors materialised together (stride-0 or overlapping views beyond that
+  are refused when the pickle rebuilds them, before anything is read),
+* one zip chunk (1 MiB) while streaming a member.
+
+Zip members are checked against their CRC-32 when first read; object trees and NVIDIA module graphs are walked
+memoised and refused when cyclic, shared (modules) or nested deeper than ``MAX_DEPTH``. The converters add at
+most a small multiple of the parameter count of the config they validated against the tensors present.
+
 Example:
   >>> nets = load_nvidia_pickle("network-snapshot-025000.pkl")
   >>> G = nets["G_ema"]
@@ -35,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from weights_port._pickle_safe import (
+    MAX_DEPTH,
     BoundedReader,
     EasyDict,
     LazyArray,
@@ -52,7 +67,7 @@ from weights_port._pickle_safe import (
     torch_globals,
     zip_member_source,
 )
-from weights_port.errors import CheckpointError, UnsafeCheckpointError
+from weights_port.errors import CheckpointError, UnsafeCheckpointError, short_repr
 
 __all__ = [
     "CheckpointError",
@@ -67,6 +82,10 @@ __all__ = [
     "materialize",
 ]
 
+# Deflated members of one zip may inflate to INFLATE_FACTOR x the file's size, plus INFLATE_SLACK (torch writes
+# STORED members; weights re-zipped with deflate shrink by a few percent).
+INFLATE_FACTOR = 16
+INFLATE_SLACK = 1 << 20
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 _TORCH_EXPECTED = "a torch.save checkpoint (zip format of torch >= 1.6, or the legacy pickle format)"
@@ -86,13 +105,15 @@ class PersistentObject:
         `PersistentObject`s), ``'_init_kwargs'``, plain attributes (``weight_gain``, ``conv_clamp``, ...).
         Tensors are `LazyArray`s unless the file was loaded with ``lazy=False``.
       version: the persistence format version (6 for stylegan2-ada-pytorch and stylegan3).
+      source: the file it was read from, for messages.
     """
 
-    def __init__(self, class_name: str, module_src: str, state: dict, version: int):
+    def __init__(self, class_name: str, module_src: str, state: dict, version: int, source: str = "NVIDIA pickle"):
         self.class_name = class_name
         self.module_src = module_src
         self.state = state
         self.version = version
+        self.source = source
 
     @property
     def init_kwargs(self) -> dict:
@@ -103,7 +124,13 @@ class PersistentObject:
     @property
     def modules(self) -> dict[str, PersistentObject | None]:
         """Direct children (``state['_modules']``)."""
-        return self.state.get("_modules") or {}
+        return self._group("_modules")
+
+    def _group(self, key: str) -> dict:
+        group = self.state.get(key) or {}
+        if not isinstance(group, dict) or not all(isinstance(k, str) for k in group):
+            raise CheckpointError(f"{self.source}: {self.class_name}.{key} is not a dict with string keys")
+        return group
 
     def child(self, dotted_name: str) -> PersistentObject:
         """The sub-network at ``dotted_name`` (e.g. ``'synthesis.b4.conv1'``)."""
@@ -115,28 +142,63 @@ class PersistentObject:
             node = nxt
         return node
 
-    def named_tensors(self, prefix: str = "") -> dict[str, np.ndarray]:
+    def named_modules(self) -> list[tuple[str, PersistentObject]]:
+        """``[('', self), ('mapping', ...), ('mapping.fc0', ...), ...]``: every sub-network once, depth first.
+
+        Raises:
+          CheckpointError: a sub-network is reached twice (a shared or cyclic module graph, which NVIDIA's
+            networks never have), or the graph is nested more than ``MAX_DEPTH`` levels deep.
+        """
+        out: list[tuple[str, PersistentObject]] = []
+        seen: set[int] = set()
+        stack = [("", self, 0)]
+        while stack:
+            path, node, depth = stack.pop()
+            if id(node) in seen:
+                raise CheckpointError(f"{self.source}: {self.class_name} reaches sub-module {path!r} a second time "
+                                      "(shared or cyclic module graph); not a network NVIDIA's code saves")
+            if depth > MAX_DEPTH:
+                raise CheckpointError(f"{self.source}: {self.class_name} nests sub-modules more than {MAX_DEPTH} "
+                                      "levels deep")
+            seen.add(id(node))
+            out.append((path, node))
+            children = [(f"{path}.{k}" if path else k, v) for k, v in node.modules.items()
+                        if isinstance(v, PersistentObject)]
+            stack.extend((p, v, depth + 1) for p, v in reversed(children))
+        return out
+
+    def named_tensors(self, prefix: str = "", *, lazy: bool = False) -> dict[str, np.ndarray]:
         """Flat ``{'mapping.fc0.weight': array}`` of parameters and buffers, in `state_dict()` order.
 
         Non-persistent buffers are included (NVIDIA's networks register none that matter for inference).
-        Arrays are read from disk here; each is a fresh C-contiguous numpy array.
+
+        Args:
+          prefix: prepended to every name.
+          lazy: True to return tensors as stored (`LazyArray`s stay unread); by default each is read here into a
+            fresh C-contiguous numpy array.
+
+        Raises:
+          CheckpointError: a parameter or buffer is not a tensor, or the module graph is not a tree
+            (see `named_modules`).
         """
         out: dict[str, np.ndarray] = {}
-        for group in ("_parameters", "_buffers"):
-            for name, value in (self.state.get(group) or {}).items():
-                if value is None:
-                    continue
-                out[prefix + name] = value.numpy() if isinstance(value, LazyArray) else np.asarray(value)
-        for name, sub in self.modules.items():
-            if isinstance(sub, PersistentObject):
-                out.update(sub.named_tensors(prefix + name + "."))
+        for path, module in self.named_modules():
+            for group in ("_parameters", "_buffers"):
+                for name, value in module._group(group).items():
+                    if value is None:
+                        continue
+                    key = f"{prefix}{path}.{name}" if path else prefix + name
+                    if not isinstance(value, (LazyArray, np.ndarray)):
+                        raise CheckpointError(f"{self.source}: {key} is of type {type(value).__name__}, not a tensor")
+                    out[key] = value if lazy or not isinstance(value, LazyArray) else value.numpy()
         return out
 
     def _materialize_children(self, walk) -> None:
         self.state = walk(self.state)
 
     def __repr__(self) -> str:
-        return f"PersistentObject({self.class_name!r}, modules={list(self.modules)})"
+        modules = self.state.get("_modules")
+        return f"PersistentObject({self.class_name!r}, modules={list(modules) if isinstance(modules, dict) else []})"
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -211,7 +273,7 @@ def _load_legacy(reader: BoundedReader, name: str, make_source, allowed: dict, n
         raise CheckpointError(f"{name}: missing the torch.save magic number; expected {_TORCH_EXPECTED}")
     protocol = plain_load(reader, name)
     if protocol != _LEGACY_PROTOCOL:
-        raise CheckpointError(f"{name}: unsupported legacy torch.save protocol {protocol!r} (expected 1001)")
+        raise CheckpointError(f"{name}: unsupported legacy torch.save protocol {short_repr(protocol)} (expected 1001)")
     sys_info = plain_load(reader, name)
     little = bool(sys_info.get("little_endian", True)) if isinstance(sys_info, dict) else True
 
@@ -220,7 +282,7 @@ def _load_legacy(reader: BoundedReader, name: str, make_source, allowed: dict, n
 
     def persistent_load(pid):
         if not isinstance(pid, tuple) or not pid or pid[0] != "storage" or len(pid) != 6:
-            raise CheckpointError(f"{name}: unsupported persistent id {pid!r:.200} (expected a storage)")
+            raise CheckpointError(f"{name}: unsupported persistent id {short_repr(pid)} (expected a storage)")
         _, storage_type, root_key, _location, numel, view_metadata = pid
         root_key = _key(root_key, name)
         dtype = storage_dtype(storage_type, name)
@@ -266,7 +328,7 @@ def _key(key, name: str) -> str:
     if isinstance(key, bytes):
         key = key.decode("ascii", "replace")
     if not isinstance(key, (str, int)):
-        raise CheckpointError(f"{name}: storage key {key!r} is not a string")
+        raise CheckpointError(f"{name}: storage key {short_repr(key)} is not a string")
     return str(key)
 
 
@@ -281,7 +343,7 @@ def _load_legacy_file(path: str, size: int, stamp) -> Any:
 # ------------------------------------------------------------------------------------------------ zip format
 
 
-def _load_zip_file(path: str, stamp) -> Any:
+def _load_zip_file(path: str, size: int, stamp) -> Any:
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, EOFError) as e:
@@ -289,41 +351,53 @@ def _load_zip_file(path: str, stamp) -> Any:
             f"{path}: not a readable zip archive (truncated or corrupt: {e}); expected {_TORCH_EXPECTED}"
         ) from e
     with zf, open(path, "rb") as raw:
-        pkl_names = [n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+        names = zf.namelist()
+        pkl_names = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
         if len(pkl_names) != 1:
             raise CheckpointError(
                 f"{path}: zip archive without a single '<root>/data.pkl'; expected {_TORCH_EXPECTED}"
             )
         prefix = pkl_names[0][: -len("data.pkl")]
+        inflated = 0
+
+        def member(name: str):
+            """A source for zip member ``name``, its declared inflated size charged to the file's budget."""
+            nonlocal inflated
+            source = _member_source(zf, raw, name, path, size, stamp)
+            if source.method == zipfile.ZIP_DEFLATED:
+                inflated += source.nbytes
+                if inflated > INFLATE_FACTOR * size + INFLATE_SLACK:
+                    raise CheckpointError(
+                        f"{path}: zip member {name} declares {source.nbytes} bytes deflated into "
+                        f"{source.compressed}: the archive's deflated members would inflate to more than "
+                        f"{INFLATE_FACTOR}x the file's size (a zip bomb); re-save the checkpoint with torch.save"
+                    )
+            return source
+
         byteorder = "little"
-        if prefix + "byteorder" in zf.namelist():
-            byteorder = zf.read(prefix + "byteorder").decode("ascii", "replace").strip()
+        if prefix + "byteorder" in names:
+            record = member(prefix + "byteorder")
+            byteorder = bytes(record.read(0, record.nbytes)).decode("ascii", "replace").strip()
             if byteorder not in ("little", "big"):
-                raise CheckpointError(f"{path}: unknown byteorder record {byteorder!r}")
-        data_pkl = zf.read(pkl_names[0])
+                raise CheckpointError(f"{path}: unknown byteorder record {short_repr(byteorder)}")
+        pkl = member(pkl_names[0])
+        data_pkl = bytes(pkl.read(0, pkl.nbytes))
         storages: dict[str, Storage] = {}
 
         def persistent_load(pid):
             if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage":
-                raise CheckpointError(f"{path}: unsupported persistent id {pid!r:.200} (expected a storage)")
+                raise CheckpointError(f"{path}: unsupported persistent id {short_repr(pid)} (expected a storage)")
             _, storage_type, key, _location, numel = pid
             key = _key(key, path)
             if key in storages:
                 return storages[key]
             storage = Storage(storage_dtype(storage_type, path), numel, f"{path} storage {key}",
                               big_endian=byteorder == "big")
-            member = f"{prefix}data/{key}"
-            try:
-                info = zf.getinfo(member)
-            except KeyError:
-                raise CheckpointError(f"{path}: zip member {member} is missing (truncated archive?)") from None
-            if info.file_size < storage.nbytes:
-                raise CheckpointError(f"{path}: zip member {member} has {info.file_size} bytes, "
+            source = member(f"{prefix}data/{key}")
+            if source.nbytes < storage.nbytes:
+                raise CheckpointError(f"{path}: zip member {source.member} has {source.nbytes} bytes, "
                                       f"the pickle needs {storage.nbytes}")
-            if info.compress_type == zipfile.ZIP_STORED:
-                storage.source = file_source(path, _stored_data_offset(raw, info, path), storage.nbytes, stamp)
-            else:
-                storage.source = zip_member_source(path, member, storage.nbytes)
+            storage.source = source
             storages[key] = storage
             return storage
 
@@ -333,15 +407,32 @@ def _load_zip_file(path: str, stamp) -> Any:
         ).load()
 
 
-def _stored_data_offset(raw, info: zipfile.ZipInfo, path: str) -> int:
-    """File offset of a STORED member's bytes (after its local header)."""
+def _member_source(zf: zipfile.ZipFile, raw, name: str, path: str, size: int, stamp):
+    """A CRC-checked source for member ``name`` of the zip at ``path`` (``raw``: the file, ``size`` bytes)."""
+    try:
+        info = zf.getinfo(name)
+    except KeyError:
+        raise CheckpointError(f"{path}: zip member {name} is missing (truncated archive?)") from None
+    if info.flag_bits & 0x1:
+        raise CheckpointError(f"{path}: zip member {name} is encrypted; re-save the checkpoint with torch.save")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise CheckpointError(f"{path}: zip member {name} uses compression method {info.compress_type}; only "
+                              "stored and deflated members are supported (re-save the checkpoint with torch.save)")
+    if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
+        raise CheckpointError(f"{path}: stored zip member {name} claims {info.file_size} bytes but holds "
+                              f"{info.compress_size}; the file is corrupt (copy or download it again)")
+    return zip_member_source(path, info, _member_data_offset(raw, info, path, size), stamp)
+
+
+def _member_data_offset(raw, info: zipfile.ZipInfo, path: str, size: int) -> int:
+    """File offset of a member's (compressed) bytes, after its local header."""
     raw.seek(info.header_offset)
     header = raw.read(30)
     if len(header) != 30 or header[:4] != b"PK\x03\x04":
         raise CheckpointError(f"{path}: corrupt zip local header for {info.filename}")
     name_len, extra_len = struct.unpack("<HH", header[26:30])
     offset = info.header_offset + 30 + name_len + extra_len
-    if offset + info.file_size > os.path.getsize(path):
+    if offset + info.compress_size > size:
         raise CheckpointError(f"{path}: file is truncated inside zip member {info.filename}")
     return offset
 
@@ -369,12 +460,12 @@ def load_torch_file(path, *, lazy: bool = False) -> Any:
     kind = _sniff(path, size)
     with _errors_as_checkpoint_error(path, _TORCH_EXPECTED):
         if kind == "torch-zip":
-            obj = _load_zip_file(path, stamp)
+            obj = _load_zip_file(path, size, stamp)
         elif kind == "torch-legacy":
             obj = _load_legacy_file(path, size, stamp)
         else:
             raise _unknown_format(path, kind, _TORCH_EXPECTED)
-        return materialize(obj, arrays=not lazy)
+        return materialize(obj, arrays=not lazy, name=path)
 
 
 def load_nvidia_pickle(path, *, lazy: bool = True) -> dict:
@@ -403,7 +494,7 @@ def load_nvidia_pickle(path, *, lazy: bool = True) -> dict:
             raise CheckpointError(
                 f"{path}: pickle holds no persistent networks (G / G_ema / D); expected {_NVIDIA_EXPECTED}"
             )
-        return materialize(obj, arrays=not lazy)
+        return materialize(obj, arrays=not lazy, name=path)
 
 
 def _load_nvidia(path: str, size: int, stamp) -> Any:
@@ -418,7 +509,7 @@ def _load_nvidia(path: str, size: int, stamp) -> Any:
             raise CheckpointError(f"{path}: persistent object without class_name / module_src")
         if state is not None and not isinstance(state, dict):
             raise CheckpointError(f"{path}: persistent object {class_name} has a non-dict state")
-        return PersistentObject(class_name, module_src, state or {}, meta.get("version"))
+        return PersistentObject(class_name, module_src, state or {}, meta.get("version"), path)
 
     with open(path, "rb") as f, open(path, "rb") as aux:
         blob_name = f"{path} (storage blob)"

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
@@ -36,6 +38,10 @@ __all__ = [
     "FeatureLayer",
     "Generator",
     "GeneratorError",
+    "MAX_SIZE",
+    "MAX_RESOLUTION",
+    "check_config",
+    "check_range",
     "register_family",
     "family_class",
     "families",
@@ -47,6 +53,10 @@ __all__ = [
 ]
 
 CHECKPOINT_VERSION = 1
+# Upper bounds for config values (channel counts, latent sizes, class counts; output size): far above any published
+# model, low enough that a config read from a file cannot ask for absurd buffers.
+MAX_SIZE = 1 << 16
+MAX_RESOLUTION = 1 << 14
 
 
 class GeneratorError(ValueError):
@@ -68,6 +78,56 @@ class FeatureLayer:
     resolution: int
     channels: int
     index: int
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+_TYPE_CHECKS = {
+    "int": _is_int,
+    "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v),
+    "bool": lambda v: isinstance(v, (bool, np.bool_)),
+    "str": lambda v: isinstance(v, str),
+    "tuple": lambda v: isinstance(v, tuple),
+}
+
+
+def _type_ok(annotation: str, value) -> bool:
+    if annotation.startswith("Optional["):
+        return value is None or _type_ok(annotation[len("Optional["):-1], value)
+    if annotation.startswith("Union["):
+        return any(_type_ok(a.strip(), value) for a in annotation[len("Union["):-1].split(","))
+    return _TYPE_CHECKS[annotation](value)
+
+
+def _short(value) -> str:
+    """``repr`` of a scalar (truncated), the type of anything else: config values may come from a file."""
+    if _is_int(value) and int(value).bit_length() > 64:
+        return f"<{int(value).bit_length()}-bit integer>"
+    plain = value is None or isinstance(value, (numbers.Number, str))
+    text = repr(value[:60] if isinstance(value, str) else value) if plain else f"<{type(value).__name__}>"
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
+def check_config(gen) -> None:
+    """Checks every field of a generator against its annotation (``int``, ``float`` (finite), ``bool``, ``str``,
+    ``tuple``, ``Optional[...]``, ``Union[...]``).
+
+    Raises:
+        GeneratorError: naming the family, the field and the offending value.
+    """
+    for f in dataclasses.fields(gen):
+        value = getattr(gen, f.name)
+        if not _type_ok(f.type, value):
+            raise GeneratorError(f"{gen.family}: {f.name} must be {f.type}, got {_short(value)}")
+
+
+def check_range(gen, name: str, lo, hi=MAX_SIZE) -> None:
+    """Raises `GeneratorError` unless field ``name`` is None or in ``[lo, hi]``."""
+    value = getattr(gen, name)
+    if value is not None and not lo <= value <= hi:
+        raise GeneratorError(f"{gen.family}: {name} must be in [{lo}, {hi}], got {_short(value)}")
 
 
 _FAMILIES: dict[str, type] = {}
@@ -96,6 +156,10 @@ class Generator:
     """Base class. Subclasses are frozen dataclasses whose fields are config + settings."""
 
     family: ClassVar[str] = "base"
+
+    def __post_init__(self):
+        """Type-checks the config (`check_config`); families add their range checks after calling this."""
+        check_config(self)
 
     # -- description -------------------------------------------------------------
     @property
@@ -175,9 +239,10 @@ class Generator:
         unknown = set(config) - set(names)
         if unknown:
             raise GeneratorError(f"{cls.family}: unknown config keys {sorted(unknown)}")
-        kwargs = {}
-        for k, v in config.items():
-            kwargs[k] = _to_tuple(v) if isinstance(v, list) else v
+        try:
+            kwargs = {k: _to_tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+        except RecursionError:
+            raise GeneratorError(f"{cls.family}: config values are nested too deeply") from None
         return cls(**kwargs)
 
     def replace(self, **changes):
@@ -280,33 +345,57 @@ def load_checkpoint(path: str):
     try:
         with open(meta_path) as f:
             meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise GeneratorError(f"{meta_path}: cannot read generator metadata ({e})") from e
-    if meta.get("format") != "gansem-generator":
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, or a huge integer
+        raise GeneratorError(f"{meta_path}: cannot read generator metadata ({type(e).__name__}: {e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != "gansem-generator":
         raise GeneratorError(f"{meta_path}: not a gansem generator metadata file")
-    if int(meta.get("version", 0)) > CHECKPOINT_VERSION:
+    version, family, config = meta.get("version", 0), meta.get("family"), meta.get("config")
+    if not _is_int(version) or not isinstance(family, str) or not isinstance(config, dict):
+        raise GeneratorError(f"{meta_path}: 'version' (int), 'family' (str) and 'config' (object) are required; "
+                             "re-convert the checkpoint with `python -m weights_port convert`")
+    if version > CHECKPOINT_VERSION:
         raise GeneratorError(
-            f"{meta_path}: checkpoint format version {meta.get('version')} is newer than this gansem "
+            f"{meta_path}: checkpoint format version {version} is newer than this gansem "
             f"({CHECKPOINT_VERSION}); upgrade gansem"
         )
-    gen = family_class(meta["family"]).from_config(meta["config"])
+    try:
+        gen = family_class(family).from_config(config)
+    except GeneratorError as e:
+        raise GeneratorError(f"{meta_path}: {e}") from None
     try:
         with np.load(params_path, allow_pickle=False) as z:
+            # Names, shapes and dtypes from the array headers first: reading allocates what a header declares.
+            _check_shapes(gen, {k: _stored_shape(z, k, params_path) for k in z.files}, params_path)
             flat = {k: z[k] for k in z.files}
+    except GeneratorError:
+        raise
     except Exception as e:  # zipfile.BadZipFile, ValueError, OSError ...
         raise GeneratorError(f"{params_path}: corrupt or truncated parameter file ({e})") from e
-    params = unflatten_params(flat)
-    check_params(gen, params, where=params_path)
-    return gen, params, meta
+    return gen, unflatten_params(flat), meta
+
+
+def _stored_shape(npz, name: str, where: str) -> tuple:
+    """Shape in the header of array ``name`` of an open npz file; the data is not read."""
+    with npz.zip.open(name + ".npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    if dtype.kind not in "biuf" or dtype.itemsize > 8:
+        raise GeneratorError(f"{where}: parameter {name} has dtype {dtype}, expected a real number type")
+    return tuple(shape)
 
 
 def check_params(gen: Generator, params, where: str = "params") -> None:
     """Compare a parameter tree with the one the generator's config implies (names and shapes)."""
+    _check_shapes(gen, {k: tuple(np.shape(v)) for k, v in flatten_params(params).items()}, where)
+
+
+def _check_shapes(gen: Generator, got_flat: Mapping[str, tuple], where: str) -> None:
+    """Compare flat ``{"params/a/b": shape}`` with the tree the generator's config implies."""
     import jax
 
     expected = jax.eval_shape(gen.init_params, jax.random.key(0))
     exp_flat = {k: tuple(v.shape) for k, v in flatten_params(expected, as_numpy=False).items()}
-    got_flat = {k: tuple(np.shape(v)) for k, v in flatten_params(params).items()}
     missing = sorted(set(exp_flat) - set(got_flat))
     extra = sorted(set(got_flat) - set(exp_flat))
     wrong = sorted(k for k in set(exp_flat) & set(got_flat) if exp_flat[k] != got_flat[k])

@@ -69,7 +69,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .base import FeatureLayer, Generator, GeneratorError, register_family
+from .base import MAX_SIZE, FeatureLayer, Generator, GeneratorError, check_range, register_family
 
 __all__ = [
     "BigGANDeep",
@@ -274,17 +274,25 @@ class BigGANDeep(Generator):
     truncation: float = 1.0
 
     def __post_init__(self):
+        super().__post_init__()
+        for name in ("z_dim", "n_classes", "channel_width"):
+            check_range(self, name, 1)
+        check_range(self, "n_stats", 2)
+        if not self.eps > 0:
+            raise GeneratorError(f"biggan: eps must be positive; got {self.eps}")
         if not 0.0 < float(self.truncation) <= 1.0:
             raise GeneratorError(
                 f"biggan: truncation must be in (0, 1] (BN statistics are tabulated on [0, 1]); "
                 f"got {self.truncation}"
             )
-        if not self.layers:
-            raise GeneratorError("biggan: config has no layers")
+        if not 1 <= len(self.layers) <= 64:
+            raise GeneratorError(f"biggan: config must have 1 to 64 layers; got {len(self.layers)}")
         prev = 16
         for i, layer in enumerate(self.layers):
-            if len(layer) != 3:
-                raise GeneratorError(f"biggan: layers[{i}] must be (up_sample, in_mult, out_mult); got {layer}")
+            if not (isinstance(layer, tuple) and len(layer) == 3 and isinstance(layer[0], (bool, int))
+                    and all(isinstance(m, int) and not isinstance(m, bool) and 1 <= m <= MAX_SIZE for m in layer[1:])):
+                raise GeneratorError(f"biggan: layers[{i}] must be (up_sample, in_mult, out_mult) with positive "
+                                     f"integer multipliers; got {layer!r:.60}")
             up, cin, cout = layer
             if cin != prev:
                 raise GeneratorError(
@@ -308,8 +316,6 @@ class BigGANDeep(Generator):
             )
         if (self.layers[self.attention_layer_position][1] * self.channel_width) % 8:
             raise GeneratorError("biggan: attention input channels must be divisible by 8")
-        if self.n_stats < 2:
-            raise GeneratorError(f"biggan: n_stats must be >= 2; got {self.n_stats}")
 
     # -- description -------------------------------------------------------------
     @property

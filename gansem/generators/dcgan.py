@@ -23,13 +23,14 @@ padding ``k-1-p`` on each side; kernels are stored here as HWIO in that
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .base import FeatureLayer, Generator, register_family
+from .base import MAX_RESOLUTION, MAX_SIZE, FeatureLayer, Generator, check_range, register_family
 
 __all__ = ["DCGAN", "DCGANModule"]
 
@@ -101,6 +102,13 @@ class DCGAN(Generator):
     ngf: int = 64
     nc: int = 3
     num_blocks: int = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range(self, "num_blocks", 1, int(math.log2(MAX_RESOLUTION)) - 2)
+        for name in ("nz", "nc"):
+            check_range(self, name, 1)
+        check_range(self, "ngf", 1, MAX_SIZE >> (self.num_blocks - 1))
 
     @property
     def module(self) -> DCGANModule:

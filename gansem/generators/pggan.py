@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from . import genforce_ops as ops
-from .base import FeatureLayer, Generator, GeneratorError, register_family
+from .base import MAX_RESOLUTION, MAX_SIZE, FeatureLayer, Generator, GeneratorError, check_range, register_family
 
 __all__ = ["PGGAN", "PGGANSynthesis"]
 
@@ -109,9 +109,13 @@ class PGGAN(Generator):
     final_tanh: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         r = self.resolution
-        if not (isinstance(r, int) and r >= 8 and r <= 1024 and r & (r - 1) == 0):
+        if not (r >= 8 and r <= 1024 and r & (r - 1) == 0):
             raise GeneratorError(f"pggan: resolution must be a power of two in [8, 1024], got {r!r}")
+        check_range(self, "z_dim", 1)
+        check_range(self, "fmaps_max", 1)
+        check_range(self, "fmaps_base", 1, MAX_SIZE * MAX_RESOLUTION)
         if min(self.channels) < 1:
             raise GeneratorError(
                 f"pggan: fmaps_base={self.fmaps_base} gives zero channels at {r} px; increase fmaps_base"

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import genforce_ops as ops
-from .base import FeatureLayer, Generator, GeneratorError, register_family
+from .base import MAX_RESOLUTION, MAX_SIZE, FeatureLayer, Generator, GeneratorError, check_range, register_family
 
 __all__ = ["StyleGAN", "StyleGANMapping", "StyleGANSynthesis", "style_affine", "NOISE_MODES"]
 
@@ -234,9 +234,17 @@ class StyleGAN(Generator):
     noise_mode: str = "const"
 
     def __post_init__(self):
+        super().__post_init__()
         r = self.resolution
-        if not (isinstance(r, int) and 8 <= r <= 1024 and r & (r - 1) == 0):
+        if not (8 <= r <= 1024 and r & (r - 1) == 0):
             raise GeneratorError(f"stylegan: resolution must be a power of two in [8, 1024], got {r!r}")
+        for name in ("z_dim", "w_dim", "mapping_fmaps", "fmaps_max"):
+            check_range(self, name, 1)
+        check_range(self, "mapping_layers", 1, 64)
+        check_range(self, "fmaps_base", 1, MAX_SIZE * MAX_RESOLUTION)
+        check_range(self, "truncation_cutoff", 0)
+        if not self.mapping_lr_mul > 0:
+            raise GeneratorError(f"stylegan: mapping_lr_mul must be positive, got {self.mapping_lr_mul}")
         if self.fused_scale not in ("auto", True, False):
             raise GeneratorError(f"stylegan: fused_scale must be 'auto', True or False, got {self.fused_scale!r}")
         if self.noise_mode not in NOISE_MODES:

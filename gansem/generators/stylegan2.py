@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from typing import ClassVar, Optional, Sequence
 
 import flax.linen as nn
@@ -53,7 +54,7 @@ import jax
 import jax.numpy as jnp
 
 from . import ops
-from .base import FeatureLayer, Generator, GeneratorError, register_family
+from .base import MAX_RESOLUTION, MAX_SIZE, FeatureLayer, Generator, GeneratorError, check_range, register_family
 
 __all__ = ["StyleGAN2", "StyleGAN2Network", "MappingNetwork", "SynthesisNetwork", "nvidia_name", "mix_styles"]
 
@@ -418,9 +419,20 @@ class StyleGAN2(Generator):
     weights_convention: str = "nvidia"
 
     def __post_init__(self):
+        super().__post_init__()
         r = self.img_resolution
-        if r < 4 or r & (r - 1):
-            raise GeneratorError(f"stylegan2: img_resolution must be a power of two ≥ 4, got {r}")
+        if r < 4 or r > MAX_RESOLUTION or r & (r - 1):
+            raise GeneratorError(f"stylegan2: img_resolution must be a power of two in [4, {MAX_RESOLUTION}], got {r}")
+        for name in ("z_dim", "w_dim", "img_channels", "channel_max", "embed_features", "layer_features"):
+            check_range(self, name, 1)
+        check_range(self, "c_dim", 0)
+        check_range(self, "mapping_layers", 1, 64)
+        check_range(self, "channel_base", 1, MAX_SIZE * MAX_RESOLUTION)
+        if not self.mapping_lr_multiplier > 0 or self.conv_clamp is not None and not self.conv_clamp > 0:
+            raise GeneratorError("stylegan2: mapping_lr_multiplier and conv_clamp (unless None) must be positive")
+        f = self.resample_filter
+        if not 1 <= len(f) <= 16 or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in f) or not sum(f):
+            raise GeneratorError("stylegan2: resample_filter must be 1 to 16 finite taps with a non-zero sum")
         if self.architecture not in _ARCHITECTURES:
             raise GeneratorError(
                 f"stylegan2: architecture {self.architecture!r} is not supported; use one of {_ARCHITECTURES}"
@@ -434,6 +446,13 @@ class StyleGAN2(Generator):
         if self.channels is not None and len(self.channels) != self.num_blocks:
             raise GeneratorError(
                 f"stylegan2: channels must list {self.num_blocks} widths (4…{r} px), got {len(self.channels)}"
+            )
+        widths = self.channels or ()
+        if not all(isinstance(c, numbers.Integral) and not isinstance(c, bool) and 1 <= c <= MAX_SIZE for c in widths):
+            raise GeneratorError(f"stylegan2: channels must be integers in [1, {MAX_SIZE}]")
+        if min(self.block_channels) < 1:
+            raise GeneratorError(
+                f"stylegan2: channel_base={self.channel_base} gives zero channels at {r} px; increase channel_base"
             )
         if self.truncation_cutoff is not None and not 0 <= self.truncation_cutoff <= self.num_ws:
             raise GeneratorError(f"stylegan2: truncation_cutoff must be in [0, {self.num_ws}] or None")

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .base import FeatureLayer, Generator, GeneratorError, register_family
+from .base import MAX_RESOLUTION, MAX_SIZE, FeatureLayer, Generator, GeneratorError, check_range, register_family
 
 __all__ = [
     "SyntheticBands",
@@ -100,12 +100,11 @@ class SyntheticBands(Generator):
     noise: float = 0.05
 
     def __post_init__(self):
+        super().__post_init__()
         if not 2 <= self.num_bands <= len(PALETTE):
             raise GeneratorError(f"synthetic-bands: num_bands must be in 2..{len(PALETTE)}, got {self.num_bands}")
-        if self.channels < 3:
-            raise GeneratorError(f"synthetic-bands: channels must be >= 3, got {self.channels}")
-        if self.size < 2:
-            raise GeneratorError(f"synthetic-bands: size must be >= 2, got {self.size}")
+        check_range(self, "channels", 3, MAX_SIZE)
+        check_range(self, "size", 2, MAX_RESOLUTION)
         if not 0 <= self.radius < self.separation / 2:
             raise GeneratorError(
                 f"synthetic-bands: radius {self.radius} must be in [0, separation/2 = {self.separation / 2}) "
