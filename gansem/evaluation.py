@@ -22,6 +22,10 @@ Reference labels come from a :class:`LabelsSource`:
   (dlib 68-point landmarks; classes background, skin, brows, eyes, nose, lips, mouth),
   a :class:`CallableLabels` with ``ignore_label = IGNORE`` (255).
 
+Reference labels are class ids ``0..M-1``: at most :data:`MAX_REF_CLASSES` (1024)
+classes, or as many as ``class_names`` names; larger ids are refused (contingency
+tables are sized by the largest id), as are ids beyond int32 and NaN/Inf latents.
+
 A sample whose reference map is entirely ``ignore_label`` (e.g. no face found by the
 ``faces`` labeller) is **skipped**: it adds no pixel to any contingency table and no
 image to the per-image mIoU average. Both experiments report how many samples were
@@ -67,6 +71,7 @@ __all__ = [
     "EVAL_STREAM",
     "BASELINES",
     "EvaluationError",
+    "MAX_REF_CLASSES",
     "BUILTIN_LABELS",
     "LabelsSource",
     "FileLabels",
@@ -85,6 +90,10 @@ EVAL_STREAM = 1_000_003
 BASELINES = ("kmeans", "kmeans-arccos", "ahc", "ahc-cosine", "kasp")
 #: Built-in reference labellers, accepted by name as ``--labels`` (see :func:`resolve_labels_source`).
 BUILTIN_LABELS = ("faces",)
+#: Most reference classes (label ids ``0..MAX_REF_CLASSES-1``) accepted without ``class_names`` naming more:
+#: every contingency table has one row per id up to the largest one seen.
+MAX_REF_CLASSES = 1024
+_INT32 = np.iinfo(np.int32)
 _METHOD_TITLES = {
     "klish": "KLiSH", "kmeans": "K-means (euclidean)", "kmeans-arccos": "K-means (arccos)",
     "ahc": "AHC (ward)", "ahc-cosine": "AHC (arccos)", "kasp": "KASP (euclidean)",
@@ -98,6 +107,40 @@ class EvaluationError(ValueError):
 # =====================================================================================
 # Labels sources
 # =====================================================================================
+
+
+def _check_ignore_label(ignore_label) -> Optional[int]:
+    if ignore_label is None:
+        return None
+    if isinstance(ignore_label, (bool, np.bool_)) or not isinstance(ignore_label, (int, np.integer)):
+        raise EvaluationError(f"--ignore-label must be an integer, got {ignore_label!r}")
+    if not _INT32.min <= int(ignore_label) <= _INT32.max:
+        raise EvaluationError(f"--ignore-label {ignore_label} is outside the int32 range of label maps")
+    return int(ignore_label)
+
+
+def _checked_labels(labels: np.ndarray, ignore_label, class_names, what: str) -> np.ndarray:
+    """Integer ``labels`` as int32 after checking their range on the original values (nothing wraps).
+
+    Kept (not ignored) labels must lie in ``[0, M)`` with ``M`` the number of ``class_names``,
+    or :data:`MAX_REF_CLASSES` without them.
+    """
+    keep = labels != ignore_label if ignore_label is not None else np.ones(labels.shape, bool)
+    vals = labels[keep]
+    if vals.size:
+        lo, hi = int(vals.min()), int(vals.max())
+        if lo < 0:
+            raise EvaluationError(f"{what}: negative labels (down to {lo}); pass --ignore-label for the value "
+                                  "marking unlabelled pixels")
+        if class_names is not None and hi >= len(class_names):
+            raise EvaluationError(f"{what}: labels go up to {hi} but class_names has {len(class_names)} entries")
+        if class_names is None and hi >= MAX_REF_CLASSES:
+            raise EvaluationError(
+                f"{what}: labels go up to {hi}, but reference classes must be numbered 0..M-1 with M <= "
+                f"{MAX_REF_CLASSES} (tables have one row per id); renumber the classes compactly, mark unlabelled "
+                "pixels with --ignore-label, or name the classes (class_names) if there really are more")
+    return labels.astype(np.int32)
+
 
 
 class LabelsSource:
@@ -144,7 +187,12 @@ class FileLabels(LabelsSource):
                     f"(the generator inputs) and labels int [N,H,W] (found: {sorted(z.files)})")
             images, latents, labels = z["images"], z["latents"], z["labels"]
             class_labels = z["class_labels"] if "class_labels" in z.files else None
-            names = tuple(str(s) for s in z["class_names"].tolist()) if "class_names" in z.files else None
+            names = z["class_names"] if "class_names" in z.files else None
+        if names is not None:
+            if names.ndim != 1:
+                raise EvaluationError(f"{path}: class_names must be a list of names [M], got shape {names.shape}")
+            names = tuple(str(s) for s in names.tolist())
+        ignore_label = _check_ignore_label(ignore_label)
         n = images.shape[0] if images.ndim else 0
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise EvaluationError(f"{path}: images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
@@ -155,20 +203,30 @@ class FileLabels(LabelsSource):
                 f"{path}: labels {labels.shape} do not match images {images.shape[:3]} (need the same N, H, W)")
         if labels.shape[1] != labels.shape[2]:
             raise EvaluationError(f"{path}: label maps must be square (H == W), got {labels.shape[1:]}")
+        if latents.ndim < 1 or not (np.issubdtype(latents.dtype, np.floating)
+                                    or np.issubdtype(latents.dtype, np.integer)):
+            raise EvaluationError(f"{path}: latents must be a float array [N, ...] of generator inputs, got "
+                                  f"{latents.dtype} of shape {latents.shape}")
         if latents.shape[0] != n:
             raise EvaluationError(f"{path}: {latents.shape[0]} latents for {n} images")
         if class_labels is not None and class_labels.shape != (n,):
             raise EvaluationError(f"{path}: class_labels must be [N]={n}, got {class_labels.shape}")
         if n == 0:
             raise EvaluationError(f"{path}: holds no samples")
-        lab = labels.astype(np.int32)
-        keep = lab != ignore_label if ignore_label is not None else np.ones(lab.shape, bool)
-        if keep.any() and lab[keep].min() < 0:
-            raise EvaluationError(f"{path}: negative labels; pass --ignore-label for the value marking unlabelled pixels")
-        if names is not None and keep.any() and lab[keep].max() >= len(names):
-            raise EvaluationError(
-                f"{path}: labels go up to {int(lab[keep].max())} but class_names has {len(names)} entries")
-        return cls(path, images, latents.astype(np.float32), lab,
+        if class_labels is not None:
+            if not np.issubdtype(class_labels.dtype, np.integer):
+                raise EvaluationError(f"{path}: class_labels must be integer class ids [N], got {class_labels.dtype}")
+            if class_labels.size and not (0 <= int(class_labels.min()) and int(class_labels.max()) <= _INT32.max):
+                raise EvaluationError(f"{path}: class_labels must lie in [0, 2**31), got "
+                                      f"{int(class_labels.min())}..{int(class_labels.max())}")
+        lab = _checked_labels(labels, ignore_label, names, path)
+        with np.errstate(over="ignore", invalid="ignore"):
+            lat = latents.astype(np.float32)
+        if not np.all(np.isfinite(lat)):
+            bad = int((~np.isfinite(lat)).reshape(n, -1).any(axis=1).sum())
+            raise EvaluationError(f"{path}: latents of {bad} of {n} samples are NaN/Inf (or beyond float32); "
+                                  "the generator inputs must be finite: remake the file")
+        return cls(path, images, lat, lab,
                    None if class_labels is None else class_labels.astype(np.int32), names, ignore_label)
 
     @property
@@ -201,15 +259,13 @@ class CallableLabels(LabelsSource):
                 f"labels callable {self.name} returned shape {out.shape} for images {images.shape}; it must return "
                 f"int labels [B, H, W] = [{b}, {h}, {w}]")
         if not np.issubdtype(out.dtype, np.integer):
-            if np.issubdtype(out.dtype, np.floating) and np.all(np.mod(out, 1) == 0):
-                out = out.astype(np.int32)
+            if (np.issubdtype(out.dtype, np.floating) and np.all(np.isfinite(out)) and np.all(np.mod(out, 1) == 0)
+                    and (out.size == 0 or np.abs(out).max() <= _INT32.max)):
+                out = out.astype(np.int64)
             else:
                 raise EvaluationError(f"labels callable {self.name} returned dtype {out.dtype}; return integer class ids")
-        out = out.astype(np.int32)
-        keep = out != self.ignore_label if self.ignore_label is not None else np.ones(out.shape, bool)
-        if keep.any() and out[keep].min() < 0:
-            raise EvaluationError(f"labels callable {self.name} returned negative labels; pass --ignore-label for them")
-        return out
+        return _checked_labels(out, _check_ignore_label(self.ignore_label), self.class_names,
+                               f"labels callable {self.name}")
 
     def describe(self) -> dict:
         return {"kind": "callable", "name": self.name,
@@ -264,6 +320,7 @@ def resolve_labels_source(spec, ignore_label: Optional[int] = None) -> LabelsSou
     ``"faces"`` is the built-in face-part labeller (:mod:`gansem.references.faces`) with
     ``ignore_label`` = its ``IGNORE`` value (255) and its class names.
     """
+    ignore_label = _check_ignore_label(ignore_label)
     if isinstance(spec, LabelsSource):
         if ignore_label is not None:
             spec.ignore_label = ignore_label
@@ -643,8 +700,7 @@ def evaluate_run(run_dir: str, labels, ks: Sequence[int], baselines: Sequence[st
         x_host = feats.reshape(-1, dim)
         del feats
         # Baselines cluster in the run's clustering space (layer balance, PCA), like KLiSH itself.
-        tr_path = os.path.join(run_dir, "transform.npz")
-        transform = FeatureTransform.load(tr_path) if os.path.isfile(tr_path) else None
+        transform = FeatureTransform.from_run(run_dir)
         if transform is not None:
             x_host = transform.apply(x_host)
         mesh = sharding.make_mesh(devices)

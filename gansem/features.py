@@ -32,6 +32,7 @@ evaluation, datasets) keeps working on raw generator features.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional, Sequence
 
 import jax
@@ -183,6 +184,8 @@ class FeatureTransform(NamedTuple):
     scale: np.ndarray
     basis: Optional[np.ndarray]
 
+    FILE = "transform.npz"  # its name in a run directory
+
     @property
     def dim(self) -> int:
         return int(self.mean.shape[0] if self.basis is None else self.basis.shape[1])
@@ -212,6 +215,12 @@ class FeatureTransform(NamedTuple):
     def load(cls, path: str) -> "FeatureTransform":
         with np.load(path, allow_pickle=False) as z:
             return cls(z["mean"], z["scale"], z["basis"] if "basis" in z.files else None)
+
+    @classmethod
+    def from_run(cls, run_dir: str) -> Optional["FeatureTransform"]:
+        """The transform a run directory holds, or ``None`` (runs made without one clustered raw features)."""
+        path = os.path.join(run_dir, cls.FILE)
+        return cls.load(path) if os.path.isfile(path) else None
 
 
 def fit_feature_transform(x, layers: Sequence[FeatureLayer], *, balance: str = "layer",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Optional, Sequence
@@ -87,10 +88,17 @@ class KlishJobConfig:
             )
         if self.retrain not in ("merged", "all"):
             raise ConfigError(f"--retrain must be 'merged' or 'all', got {self.retrain!r}")
-        if self.lam <= 0 or self.tol <= 0:
-            raise ConfigError("--lam and --tol must be positive")
-        if self.truncation is not None and not (0.0 < self.truncation <= 1.0 or self.truncation > 0):
-            raise ConfigError(f"--truncation must be positive, got {self.truncation}")
+        for flag, v in (("--lam", self.lam), ("--tol", self.tol)):
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{flag} must be a finite positive number, got {v}")
+        if self.truncation is not None and not (math.isfinite(self.truncation) and self.truncation > 0):
+            raise ConfigError(f"--truncation must be a finite positive number, got {self.truncation}")
+        for flag, v, lo in (("--batch-size", self.batch_size, 1), ("--svm-max-iter", self.svm_max_iter, 1),
+                            ("--kmeans-iters", self.kmeans_iters, 0), ("--channel-budget", self.channel_budget, 1)):
+            if v < lo:
+                raise ConfigError(f"{flag} must be >= {lo}, got {v}")
+        if self.solver not in ("lbfgs", "newton"):
+            raise ConfigError(f"--solver must be 'lbfgs' or 'newton', got {self.solver!r}")
         if self.feature_balance not in ("layer", "none"):
             raise ConfigError(f"--feature-balance must be 'layer' or 'none', got {self.feature_balance!r}")
         if self.pca_dim < 0:
@@ -113,12 +121,24 @@ def apply_generator_settings(gen, cfg: dict):
     raise ConfigError(f"--truncation is not supported by the {gen.family} generator")
 
 
-def _prepare_run_dir(run_dir: str, config: KlishJobConfig, resume: bool) -> bool:
-    """Create/validate the run directory. Returns True if there is earlier state to resume."""
+def _read_json(path: str):
+    """Parse a JSON file of the run directory; ConfigError naming the file if it is damaged."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} cannot be read as JSON ({e}); the file is damaged") from e
+
+
+def _check_run_dir(run_dir: str, config: KlishJobConfig, resume: bool) -> bool:
+    """Check the run directory against the request, changing nothing. Returns True if it holds a run to resume."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ConfigError(f"--out {run_dir!r} is an existing file, not a directory; choose another --out")
     cfg_path = os.path.join(run_dir, "config.json")
     if os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            old = json.load(f)
+        old = _read_json(cfg_path)
+        if not isinstance(old, dict) or not {"generator", "k0", "seed"} <= set(old):
+            raise ConfigError(f"{cfg_path} is not the configuration of a gansem KLiSH run; choose another --out")
         if not resume:
             raise ConfigError(
                 f"{run_dir!r} already holds a run; pass --resume to continue it, or choose another --out"
@@ -131,18 +151,53 @@ def _prepare_run_dir(run_dir: str, config: KlishJobConfig, resume: bool) -> bool
                 f"--resume: {run_dir!r} was made with a different configuration ({details}); "
                 "use the same flags, or a new --out"
             )
-        return os.path.isdir(os.path.join(run_dir, "state"))
-    if os.path.isdir(run_dir) and os.listdir(run_dir) and not resume:
+        return True
+    nonempty = os.path.isdir(run_dir) and bool(os.listdir(run_dir))
+    if resume:
+        if nonempty:
+            raise ConfigError(f"--resume: {run_dir!r} is not a gansem run (it has no config.json) and is not empty; "
+                              "refusing to write into it: give the run's own folder as --out")
+        raise ConfigError(f"no run to resume in {run_dir!r}; drop --resume to start one")
+    if nonempty:
         raise ConfigError(f"{run_dir!r} exists and is not empty; choose another --out")
-    os.makedirs(run_dir, exist_ok=True)
-    with open(cfg_path, "w") as f:
-        json.dump(config.to_dict(), f, indent=2)
     return False
+
+
+def _create_run_dir(run_dir: str, config: KlishJobConfig):
+    """Create a new run directory holding ``config.json`` (after :func:`_check_run_dir`)."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=2)
+    except OSError as e:
+        raise ConfigError(f"cannot create the run directory --out {run_dir!r} ({e.strerror or e}); "
+                          "choose a writable location") from e
 
 
 def _log(msg: str, quiet: bool):
     if not quiet:
         print(f"[gansem] {msg}", flush=True)
+
+
+def _resume_point(run_dir: str):
+    """The saved state to continue from, checked before any work (see :meth:`RunCheckpoints.resume_point`).
+
+    A damaged latest state (or a damaged record before it) falls back to the older
+    kept state with a warning on stderr; ``None`` when no state was saved yet.
+    """
+    import sys
+
+    from .checkpoint import CorruptCheckpointError, RunCheckpoints
+
+    if not os.path.isdir(os.path.join(run_dir, "state")):
+        return None
+    ck = RunCheckpoints(run_dir)
+    try:
+        return ck.resume_point(log=lambda m: print(f"[gansem] warning: {m}", file=sys.stderr, flush=True))
+    except CorruptCheckpointError as e:
+        raise ConfigError(f"--resume {run_dir!r}: {e}") from e
+    finally:
+        ck.close()
 
 
 def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] = None, resume: bool = False,
@@ -152,9 +207,15 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
 
     Args:
         config: what to run.
-        run_dir: output folder (created; must be new unless ``resume``).
-        devices: number of devices for the data mesh (``None``: all).
-        resume: continue from the latest saved merge step of ``run_dir``.
+        run_dir: output folder (created; must be new or empty unless ``resume``).
+        devices: number of devices for the data mesh (``None``: all; at most the number of pixels).
+        resume: continue the run in ``run_dir`` (an error if it holds none) from its latest intact saved
+            merge step; a damaged latest step falls back to the older kept one (see
+            :meth:`~gansem.checkpoint.RunCheckpoints.resume_point`).
+
+    Raises:
+        ConfigError: impossible arguments or run directory, found before the directory is
+            created and before any work is done.
         progress: show progress bars.
         max_steps: stop after this many merge steps in this call (for tests of interruption).
         vis_ks: K values shown in ``clusters.png`` (default: a handful spread over the trajectory).
@@ -172,10 +233,17 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
     from .features import extract_features, select_feature_layers
     from .generators import load_generator
 
+    # Everything that can be checked is checked before the run directory is created or any work is done.
     config.validate()
+    npix = config.num_images * config.resolution ** 2
+    if devices is not None and int(devices) > npix:
+        raise ConfigError(f"--devices {devices} is more than the {npix} pixels to cluster "
+                          f"({config.num_images} images × {config.resolution}²); use at most {npix} devices")
+    mesh = sharding.make_mesh(devices)  # DeviceError if they do not exist
     t_start = time.time()
     timings = {}
-    has_state = _prepare_run_dir(run_dir, config, resume)
+    has_run = _check_run_dir(run_dir, config, resume)
+    resume_from = _resume_point(run_dir) if has_run else None  # damaged checkpoints: fall back, or stop here
     cfg = config.to_dict()
 
     # -- generator and features -----------------------------------------------------------
@@ -183,6 +251,8 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
     gen, params, gen_meta = load_generator(config.generator)
     gen = apply_generator_settings(gen, cfg)
     layers = select_feature_layers(gen.feature_layers(), config.channel_budget)
+    if not has_run:
+        _create_run_dir(run_dir, config)
     dim = sum(l.channels for l in layers)
     _log(f"generator {gen_meta.get('name', config.generator)} ({gen.family}, {gen.resolution}px); "
          f"layers {[l.name for l in layers]} → D={dim}", quiet)
@@ -203,14 +273,13 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
         )
     x_host = feats.reshape(-1, dim)
     del feats
-    transform = clustering_transform(run_dir, x_host, layers, config, has_state)
+    transform = clustering_transform(run_dir, x_host, layers, config, resume_from is not None)
     x_host = transform.apply(x_host)
     if transform.basis is not None:
         _log(f"clustering space: layer balance {config.feature_balance}, PCA {dim} → {transform.dim}", quiet)
     timings["features_s"] = time.time() - t
 
     # -- devices --------------------------------------------------------------------------
-    mesh = sharding.make_mesh(devices)
     n_dev = mesh.devices.size
     layout = sharding.plan_rows(x_host.shape[0], n_dev)
     if layout.padded_rows != x_host.shape[0]:
@@ -228,20 +297,23 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
 
     ck = RunCheckpoints(run_dir)
     solver_kw = dict(lam=config.lam, tol=config.tol, max_iter=config.svm_max_iter, holdout=holdout)
-    save = lambda step, rec, st: ck.save_step(  # noqa: E731  records hold classifiers of raw features
-        step, None if rec is None else rec._replace(**dict(zip("Wb", transform.to_feature_space(rec.W, rec.b)))), st)
+
+    def save(step, rec, st):
+        """Records hold classifiers of raw features (segmentation never needs the transform); states do not."""
+        if rec is not None:
+            W, b = transform.to_feature_space(rec.W, rec.b)
+            rec = rec._replace(W=W, b=b)
+        ck.save_step(step, rec, st)
     try:
         precond = svm.svm_preconditioner(x, K.training_rows(valid, holdout), mesh=mesh, layout=layout)
         merge_cache = K.MergeCache()
         # -- initial state ----------------------------------------------------------------
         t = time.time()
-        if has_state and ck.latest_state_step() is not None:
-            step = ck.latest_state_step()
-            arrays, meta = ck.load_state(step)
+        if resume_from is not None:  # init.json (statistics only) is not needed to continue
+            step, arrays, _ = resume_from
             state = _state_from_host(arrays, mesh, layout)
+            resume_from = arrays = None
             _log(f"resuming from merge step {step} (K={_k(state)})", quiet)
-            with open(os.path.join(run_dir, "init.json")) as f:
-                init_info = json.load(f)
         else:
             _log(f"K-means++ (K0={config.k0}) and initial SVMs...", quiet)
             state, init_info = K.klish_init(
@@ -302,20 +374,12 @@ def clustering_transform(run_dir: str, x_host, layers, config: KlishJobConfig, r
     """The run's :class:`~gansem.features.FeatureTransform`: fitted and saved to ``transform.npz``, or loaded on resume."""
     from .features import FeatureTransform, fit_feature_transform
 
-    path = os.path.join(run_dir, "transform.npz")
-    if resume and os.path.isfile(path):
-        return FeatureTransform.load(path)
+    saved = FeatureTransform.from_run(run_dir) if resume else None
+    if saved is not None:
+        return saved
     tr = fit_feature_transform(x_host, layers, balance=config.feature_balance, pca_dim=config.pca_dim or None)
-    tr.save(path)
+    tr.save(os.path.join(run_dir, FeatureTransform.FILE))
     return tr
-
-
-def load_transform(run_dir: str):
-    """The clustering-space map of a finished run (``None`` for runs made before it existed: identity)."""
-    from .features import FeatureTransform
-
-    path = os.path.join(run_dir, "transform.npz")
-    return FeatureTransform.load(path) if os.path.isfile(path) else None
 
 
 def _k(state) -> int:
