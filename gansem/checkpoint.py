@@ -11,6 +11,14 @@ A run directory holds two Orbax ``CheckpointManager`` trees:
 Both are written synchronously and atomically (Orbax finalises a step by a
 rename), so a run killed at any moment resumes from its last completed step.
 
+A step damaged afterwards (a truncated or emptied file) fails to load with
+:class:`CorruptCheckpointError`, which names the step folder and, where it can
+tell, the file. :meth:`RunCheckpoints.resume_point` picks the latest kept state
+that loads *and* whose trajectory records ``1..step`` all load, falling back to
+the older kept state (the run is deterministic: the steps after it are
+recomputed bit for bit), and says so; it raises before any work is done when no
+kept state can be used.
+
 Example::
 
     traj = load_trajectory("runs/dcgan")         # list of dicts, K0 → 1
@@ -19,12 +27,49 @@ Example::
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
-__all__ = ["RunCheckpoints", "load_trajectory", "record_to_host"]
+__all__ = ["RunCheckpoints", "CorruptCheckpointError", "load_trajectory", "record_to_host"]
+
+
+class CorruptCheckpointError(ValueError):
+    """A saved step (``trajectory/<step>`` or ``state/<step>``) cannot be read back.
+
+    Attributes:
+        path: the step folder, relative to the run directory (e.g. ``"state/12"``).
+        reason: what failed, naming the damaged file where it can be told.
+    """
+
+    def __init__(self, path: str, reason: str, message: Optional[str] = None):
+        self.path, self.reason = path, reason
+        super().__init__(message or f"{path} is corrupt ({reason})")
+
+
+_JSON_FILES = ("metadata", "_METADATA", "_CHECKPOINT_METADATA", "_sharding")
+
+
+def _describe_failure(step_dir: str, rel: str, exc: BaseException) -> str:
+    """A short reason for a failed restore of ``step_dir``, naming the damaged file where possible."""
+    if isinstance(exc, json.JSONDecodeError) or "Expecting value" in str(exc):
+        for root, _, files in sorted(os.walk(step_dir)):
+            for name in sorted(files):
+                if name not in _JSON_FILES:
+                    continue
+                path = os.path.join(root, name)
+                try:
+                    with open(path) as f:
+                        json.load(f)
+                except (OSError, ValueError) as e:
+                    return f"{os.path.join(rel, os.path.relpath(path, step_dir))} is not valid JSON: {e}"
+    msg = str(exc) or type(exc).__name__
+    msg = msg.split(" [tensorstore_spec=")[0]  # tensorstore appends its whole (long) spec
+    if len(msg) > 400:
+        msg = msg[:400] + "..."
+    return f"{type(exc).__name__}: {msg}"
 
 
 def _ocp():
@@ -100,11 +145,28 @@ class RunCheckpoints:
         self._state.reload()
         return self._state.latest_step()
 
+    def state_steps(self) -> list[int]:
+        """Steps of the kept states, ascending."""
+        self._state.reload()
+        return sorted(self._state.all_steps())
+
+    def _restore(self, manager, kind: str, step: int, **items):
+        ocp = _ocp()
+        rel = f"{kind}/{step}"
+        try:
+            return manager.restore(step, args=ocp.args.Composite(**items))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # Orbax/tensorstore raise ValueError, JSONDecodeError, FileNotFoundError...
+            step_dir = os.path.join(os.path.abspath(self.run_dir), kind, str(step))
+            raise CorruptCheckpointError(rel, _describe_failure(step_dir, rel, e)) from e
+
     def load_state(self, step: Optional[int] = None) -> tuple[dict, dict]:
+        """The state after ``step`` (default: the latest); :class:`CorruptCheckpointError` if it does not load."""
         ocp = _ocp()
         step = self.latest_state_step() if step is None else step
-        r = self._state.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        r = self._restore(self._state, "state", step, state=ocp.args.StandardRestore(),
+                          meta=ocp.args.JsonRestore())
         return dict(r["state"]), dict(r["meta"])
 
     def record_steps(self) -> list[int]:
@@ -112,12 +174,63 @@ class RunCheckpoints:
         return list(self._traj.all_steps())
 
     def load_record(self, step: int) -> dict:
+        """The merge record of ``step``; :class:`CorruptCheckpointError` if it does not load."""
         ocp = _ocp()
-        r = self._traj.restore(step, args=ocp.args.Composite(
-            record=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        r = self._restore(self._traj, "trajectory", step, record=ocp.args.StandardRestore(),
+                          meta=ocp.args.JsonRestore())
         out = dict(r["meta"])
         out.update({k: np.asarray(v) for k, v in r["record"].items()})
         return out
+
+    def resume_point(self, log: Optional[Callable[[str], None]] = None) -> Optional[tuple[int, dict, dict]]:
+        """The state to resume from: ``(step, arrays, meta)``, or ``None`` when no state was saved yet.
+
+        Tries the kept states from the latest down. A state is used when it loads and
+        the trajectory records ``1..step`` all load (they are the run's results; the
+        records after ``step`` are rewritten as the run goes on). When the latest state
+        or one of its records is damaged, the older kept state is used and ``log``
+        says so (``"state/<s> is corrupt (...); resuming from step <prev>"``); the run
+        is deterministic, so the recomputed steps are the same, bit for bit.
+
+        Raises:
+            CorruptCheckpointError: states exist but none can be used (every kept state
+                is damaged, or a damaged record precedes them); the message says what to do.
+        """
+        steps = sorted(self.state_steps(), reverse=True)
+        if not steps:
+            return None
+        records = set(self.record_steps())
+        first_bad = None  # (record step, reason) of the first record 1..max(steps) that does not load
+        for r in range(1, steps[0] + 1):
+            if r not in records:
+                first_bad = (r, CorruptCheckpointError(f"trajectory/{r}", "missing"))
+                break
+            try:
+                self.load_record(r)
+            except CorruptCheckpointError as e:
+                first_bad = (r, e)
+                break
+        problems = []
+        for s in steps:
+            if first_bad is not None and s >= first_bad[0]:
+                if str(first_bad[1]) not in problems:
+                    problems.append(str(first_bad[1]))
+                continue
+            try:
+                arrays, meta = self.load_state(s)
+            except CorruptCheckpointError as e:
+                problems.append(str(e))
+                continue
+            if problems and log is not None:
+                log(f"{'; '.join(problems)}; resuming from step {s}")
+            return s, arrays, meta
+        run = os.path.abspath(self.run_dir)
+        raise CorruptCheckpointError(
+            "state" if first_bad is None else first_bad[1].path, "; ".join(problems),
+            f"{'; '.join(problems)}; no kept state (steps {sorted(steps)}) precedes the damage, so the run cannot "
+            f"continue. Start it again: delete {os.path.join(run, 'state')} and {os.path.join(run, 'trajectory')} "
+            "and rerun with --resume (the run is deterministic: the same trajectory is recomputed), or choose "
+            "a new --out")
 
     def close(self):
         self._traj.close()
@@ -138,5 +251,8 @@ def load_trajectory(run_dir: str) -> list[dict]:
     ck = RunCheckpoints(run_dir)
     try:
         return [ck.load_record(s) for s in ck.record_steps()]
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(e.path, e.reason, f"{os.path.join(run_dir, e.path)} is corrupt ({e.reason}); "
+                                     "resume the run (launch/klish.py ... --resume) to recompute it") from e
     finally:
         ck.close()

@@ -45,6 +45,7 @@ __all__ = [
     "contingency",
     "contingency_device",
     "ContingencyAccumulator",
+    "MAX_TABLE_ENTRIES",
     "adjusted_rand_index",
     "mutual_info",
     "normalized_mutual_info",
@@ -66,6 +67,9 @@ __all__ = [
 
 _EPS = float(np.finfo(np.float64).eps)
 _INT32_MAX = 2**31 - 1
+#: Largest contingency table one call may build (entries; int64 counts: 1 GiB). Tables are sized by the
+#: largest label ids, so one stray huge id would otherwise ask for gigabytes.
+MAX_TABLE_ENTRIES = 2**27
 
 
 # =====================================================================================
@@ -87,9 +91,15 @@ def _as_int_labels(x, name: str) -> np.ndarray:
     return a.astype(np.int64, copy=False)
 
 
-def _check_counts(num_pred: int, num_ref: int) -> None:
+def _check_counts(num_pred: int, num_ref: int, num_images: int = 1) -> None:
     if int(num_pred) < 1 or int(num_ref) < 1:
         raise ValueError(f"num_pred and num_ref must be >= 1, got num_pred={num_pred}, num_ref={num_ref}")
+    entries = int(num_images) * int(num_ref) * int(num_pred)
+    if entries > MAX_TABLE_ENTRIES:
+        raise ValueError(
+            f"a contingency table of {int(num_images)} image(s) × {int(num_ref)} reference classes × {int(num_pred)} "
+            f"clusters ({entries * 8 / 2**30:.1f} GiB) is too large (at most {MAX_TABLE_ENTRIES} entries): label ids "
+            "size the table, so number the classes compactly 0..M-1 (or pass fewer images per call)")
 
 
 def _valid_ref_mask(ref: np.ndarray, pred: np.ndarray, num_pred: int, num_ref: int, ignore_label) -> np.ndarray:
@@ -138,6 +148,8 @@ def contingency(pred, ref, num_pred: int, num_ref: int, *, per_image: bool = Fal
     if pred.shape != ref.shape:
         raise ValueError(f"pred and ref must have the same shape, got {pred.shape} and {ref.shape}")
     M, K = int(num_ref), int(num_pred)
+    if per_image and pred.ndim >= 1:
+        _check_counts(num_pred, num_ref, pred.shape[0])
     keep = _valid_ref_mask(ref, pred, K, M, ignore_label)
     if per_image:
         if pred.ndim < 1:
@@ -227,6 +239,7 @@ def contingency_device(
     if per_image and pred.ndim < 1:
         raise ValueError("per_image=True needs label maps with a leading image axis [N, ...]")
     n = pred.shape[0] if per_image else 1
+    _check_counts(num_pred, num_ref, n)
     layout = None
     if mesh is not None:
         from gansem import sharding

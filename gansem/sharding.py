@@ -29,6 +29,7 @@ __all__ = [
     "DATA_AXIS",
     "simulate_cpu_devices",
     "setup_devices_from_cli",
+    "MAX_SIMULATED_CPU_DEVICES",
     "make_mesh",
     "row_sharding",
     "replicated",
@@ -85,8 +86,16 @@ def simulate_cpu_devices(n: int) -> None:
             )
 
 
+#: Most CPU devices ``--devices`` simulates. Each simulated device is a host thread and XLA's collectives wait
+#: for all of them: hundreds on a few cores stall past XLA's rendezvous timeout and abort the program.
+MAX_SIMULATED_CPU_DEVICES = 64
+
+
 def setup_devices_from_cli(devices: Optional[int]) -> Optional[str]:
     """For launch scripts, first thing after parsing: simulate ``devices`` CPU devices if asked.
+
+    More than :data:`MAX_SIMULATED_CPU_DEVICES` devices are accepted only where the
+    accelerator backend really has that many.
 
     Returns:
         ``None`` on success, or an error message for the user (the script then
@@ -94,6 +103,19 @@ def setup_devices_from_cli(devices: Optional[int]) -> Optional[str]:
     """
     if devices is None:
         return None
+    if devices > MAX_SIMULATED_CPU_DEVICES:
+        import jax  # no simulation asked: the real devices of the default backend
+
+        try:
+            real, backend = len(jax.devices()), jax.default_backend()
+        except RuntimeError as e:  # pragma: no cover - broken installation
+            return f"--devices {devices}: cannot list the devices ({e})"
+        if backend != "cpu" and real >= devices:
+            return None
+        most = max(real, MAX_SIMULATED_CPU_DEVICES) if backend != "cpu" else MAX_SIMULATED_CPU_DEVICES
+        return (f"--devices {devices}: only {real} {backend} device(s) exist and at most "
+                f"{MAX_SIMULATED_CPU_DEVICES} CPU devices can be simulated (more stall XLA's collectives); "
+                f"ask for at most {most}")
     try:
         simulate_cpu_devices(devices)
     except DeviceError as e:

@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "are simulated (results are identical for any count dividing 8). Default: all devices")
     g.add_argument("--out", default=None, help="run directory (default: runs/<generator>-k<K0>-s<seed>)")
     g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last completed merge step (same flags required)")
+                   help="continue the run in --out from its last intact merge step (same flags required; an error "
+                        "if --out holds no run)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--quiet", action="store_true", help="no log lines")
     return p
@@ -137,6 +138,9 @@ def main(argv=None) -> int:
         summary = run_klish_job(config, out, devices=args.devices, resume=args.resume,
                                 progress=not args.no_progress, quiet=args.quiet)
     except (ConfigError, GeneratorError, sharding.DeviceError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file of the run directory cannot be written or read (disk full, permissions)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -41,6 +41,20 @@ def build_parser():
     return p
 
 
+def _check_out(path: str):
+    """``None`` if ``path`` can be written (its folder is created now), else the error message."""
+    if os.path.isdir(path):
+        return f"--out {path!r} is a directory; give a file name such as {os.path.join(path, 'seg.npz')!r}"
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        return f"cannot create the folder {folder!r} of --out ({e.strerror or e}); choose a writable location"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot write into the folder {folder!r} of --out (permission denied); choose a writable location"
+    return None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import numpy as np
@@ -48,14 +62,21 @@ def main(argv=None) -> int:
     from gansem.generators import GeneratorError
     from gansem.segment import SegmentError, Segmenter
 
+    err = _check_out(args.out)  # before any work: a run of many samples must not fail at the very end
+    if err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         seg = Segmenter.from_run(args.run, k=args.k, threshold=args.threshold)
         out = seg.sample(args.num_samples, args.seed, batch_size=args.batch_size, progress=not args.no_progress)
     except (SegmentError, GeneratorError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.savez_compressed(args.out, k=np.int32(seg.k), **out)
+    try:
+        np.savez_compressed(args.out, k=np.int32(seg.k), **out)
+    except OSError as e:
+        print(f"error: cannot write --out {args.out!r} ({e.strerror or e})", file=sys.stderr)
+        return 2
     if args.preview:
         from gansem import viz
 
