@@ -32,8 +32,10 @@ and the least separable cluster is always the growing merged one: the trajectory
 snowballs into one cluster. With a ``holdout`` row mask, the SVMs are trained on
 the other valid rows and IoU and ECoS are counted on the held-out rows only, so a
 cluster is "separable" when its SVM generalises to unseen pixels (the launch
-scripts hold out whole images). A cluster with no held-out pixel has IoU 0. With
-many pixels per cluster both readings agree.
+scripts hold out whole images). A cluster with no held-out pixel has IoU 0. ECoS
+is counted on the held-out rows too: over all rows it is dominated by the training
+rows' overfitted score maps and picks worse partners (benchmarks/README.md,
+"Fidelity ablation"). With many pixels per cluster both readings agree.
 
 Incremental statistics (exact). After merging p into q only w_q changes, so
 only score column q needs recomputing. :class:`MergeCache` keeps the score
