@@ -45,6 +45,9 @@ __all__ = [
     "row_products",
     "product_map_reduce",
     "ChunkRows",
+    "RowData",
+    "place_rows",
+    "local_row_range",
 ]
 
 DATA_AXIS = "data"
@@ -460,3 +463,155 @@ def row_products(x, w, mesh, layout: RowLayout):
 
     return jax.shard_map(local, mesh=mesh, in_specs=(P(DATA_AXIS), P()), out_specs=P(DATA_AXIS),
                          check_vma=False)(x, w)
+
+
+# -- rows that travel together ---------------------------------------------------------
+
+
+@_dc.dataclass(frozen=True)
+class RowData:
+    """Row-sharded data with everything needed to compute on it: one pytree, not four loose values.
+
+    Attributes:
+        x: ``[padded_rows, ...]`` row-sharded array (pixel features, labels, ...).
+        valid: ``[padded_rows] float32`` row-sharded mask: 1 on real rows, 0 on padding
+            (or on rows excluded from a computation, e.g. held-out rows).
+        layout: the :class:`RowLayout` the rows were padded and chunked with (static).
+        mesh: the mesh the rows are sharded over (static).
+
+    ``x`` and ``valid`` are the pytree's leaves and ``layout`` and ``mesh`` its static
+    metadata, so a ``RowData`` can be passed straight into ``jax.jit``: the compiled
+    program is specialised to the layout and mesh, and re-used for new rows of the same
+    shape. Build one with :func:`place_rows`; derive related row arrays (labels, masks)
+    with :meth:`place` so they share the layout.
+    """
+
+    x: object
+    valid: object
+    layout: RowLayout
+    mesh: object
+
+    def __post_init__(self):
+        _check_layout(self.mesh, self.layout)
+        for name in ("x", "valid"):
+            a = getattr(self, name)
+            shape = getattr(a, "shape", None)
+            if shape is not None and (len(shape) < 1 or shape[0] != self.layout.padded_rows):
+                raise ValueError(
+                    f"RowData.{name} has {shape[0] if shape else 'no'} rows but its layout pads "
+                    f"{self.layout.num_rows} rows to {self.layout.padded_rows}; build row arrays with "
+                    "sharding.place_rows(...) or RowData.place(...)")
+
+    @property
+    def num_rows(self) -> int:
+        """Real rows N (padding excluded)."""
+        return self.layout.num_rows
+
+    @property
+    def padded_rows(self) -> int:
+        return self.layout.padded_rows
+
+    def replace(self, **changes) -> "RowData":
+        """A copy with some fields replaced (e.g. ``valid=training_mask``)."""
+        return _dc.replace(self, **changes)
+
+    def place(self, rows, fill=0):
+        """Place another per-row array (host ``[N, ...]`` or ``fetch(start, stop)``) with this layout.
+
+        Returns a row-sharded ``jax.Array`` ``[padded_rows, ...]``, padding rows set to ``fill``.
+        """
+        return _place(rows, self.mesh, self.layout, fill)
+
+    def local_range(self) -> tuple[int, int]:
+        """``(start, stop)``: the real rows whose shards live on this process's devices."""
+        return local_row_range(self.mesh, self.layout)
+
+
+def _register_rowdata():
+    import jax
+
+    jax.tree_util.register_dataclass(RowData, data_fields=["x", "valid"], meta_fields=["layout", "mesh"])
+
+
+_register_rowdata()
+
+
+def local_row_range(mesh, layout: RowLayout) -> tuple[int, int]:
+    """Real rows ``[start, stop)`` held by the devices of this process (all rows on one host).
+
+    Each device of the mesh holds ``padded_rows / num_devices`` consecutive rows; a
+    process's devices are consecutive on the mesh (:func:`make_mesh`), so its rows are
+    one block. Padding rows are excluded, so the range may be empty.
+    """
+    import jax
+
+    _check_layout(mesh, layout)
+    per = layout.padded_rows // mesh.devices.size
+    mine = [i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
+    if not mine:
+        return (0, 0)
+    lo, hi = min(mine) * per, (max(mine) + 1) * per
+    if hi - lo != per * len(mine):
+        raise DeviceError("this process's devices are not consecutive on the mesh; build it with make_mesh()")
+    return (min(lo, layout.num_rows), min(hi, layout.num_rows))
+
+
+def _place(rows, mesh, layout: RowLayout, fill=0):
+    """Place rows ``[N, ...]`` (host array or ``fetch(start, stop)``) padded to ``layout``, shard by shard.
+
+    Each device's shard is built on its own from the rows it holds, so the padded array
+    never exists on a host and, with several processes, each process only reads (or
+    computes, with ``fetch``) its own rows.
+    """
+    import jax
+
+    n = layout.num_rows
+    if callable(rows):
+        fetch = rows
+        first = np.asarray(fetch(0, 0))
+        tail, dtype = first.shape[1:], first.dtype
+    else:
+        arr = rows
+        if arr.shape[0] != n:
+            raise ValueError(f"expected {n} rows for this layout, got {arr.shape[0]}")
+        fetch = lambda a, b: arr[a:b]  # noqa: E731
+        tail, dtype = tuple(arr.shape[1:]), arr.dtype
+
+    def shard(index):
+        sl = index[0]
+        start, stop = sl.start or 0, layout.padded_rows if sl.stop is None else sl.stop
+        out = np.full((stop - start,) + tuple(tail), fill, dtype)
+        hi = min(stop, n)
+        if hi > start:
+            out[: hi - start] = np.asarray(fetch(start, hi))
+        return out
+
+    return jax.make_array_from_callback((layout.padded_rows,) + tuple(tail), row_sharding(mesh), shard)
+
+
+def place_rows(rows, mesh, layout: Optional[RowLayout] = None, *, num_rows: Optional[int] = None,
+               fill=0) -> RowData:
+    """Place ``[N, ...]`` rows on ``mesh`` as a :class:`RowData` (the one way to build one).
+
+    Args:
+        rows: host array ``[N, ...]``, or ``fetch(start, stop) -> [stop - start, ...]`` that
+            produces the rows of a range (then ``num_rows`` or ``layout`` gives N). With
+            several processes only the ranges held by this process's devices are fetched,
+            so each process computes or reads only its own rows.
+        mesh: mesh from :func:`make_mesh`.
+        layout: chunking (default :func:`plan_rows` for N rows on the mesh's devices).
+        fill: value of padding rows.
+
+    Returns:
+        ``RowData(x [padded_rows, ...], valid [padded_rows] float32, layout, mesh)``.
+    """
+    if layout is None:
+        n = num_rows if callable(rows) else np.shape(rows)[0]
+        if n is None:
+            raise ValueError("place_rows(fetch, ...) needs num_rows= or layout=")
+        layout = plan_rows(int(n), mesh.devices.size)
+    elif num_rows is not None and num_rows != layout.num_rows:
+        raise ValueError(f"num_rows={num_rows} does not match layout.num_rows={layout.num_rows}")
+    x = _place(rows, mesh, layout, fill)
+    valid = _place(lambda a, b: np.ones((b - a,), np.float32), mesh, layout, 0.0)
+    return RowData(x=x, valid=valid, layout=layout, mesh=mesh)
