@@ -16,13 +16,11 @@ from gansem.cluster import klish  # noqa: E402
 
 
 def _place(x, labels=None, n_dev=8, max_chunk_rows=128):
+    """``RowData`` of ``x`` (and the placed labels, if given)."""
     mesh = sharding.make_mesh(n_dev)
     layout = sharding.plan_rows(x.shape[0], n_dev, max_chunk_rows=max_chunk_rows)
-    xs, valid = sharding.shard_rows(x, mesh, multiple=layout.padded_rows)
-    out = [xs, valid, mesh, layout]
-    if labels is not None:
-        out.append(sharding.shard_rows(labels.astype(np.int32), mesh, multiple=layout.padded_rows)[0])
-    return out
+    data = sharding.place_rows(x, mesh, layout)
+    return data if labels is None else (data, data.place(labels.astype(np.int32)))
 
 
 def _blobs(seed, n=600, d=3, k=4, spread=8.0):
@@ -39,8 +37,8 @@ def test_iou_and_ecos_match_numpy(rng, k):
     y = rng.integers(0, k, n)
     W = rng.standard_normal((k, d)).astype(np.float32)
     b = rng.standard_normal(k).astype(np.float32)
-    xs, valid, mesh, layout, ls = _place(x, y, max_chunk_rows=16)
-    iou, ecos, hinge = klish.merge_statistics(W, b, xs, valid, ls, mesh=mesh, layout=layout)
+    data, ls = _place(x, y, max_chunk_rows=16)
+    iou, ecos, hinge = klish.merge_statistics(W, b, data, ls)
     s = x.astype(np.float64) @ W.T + b
     sign = np.where(y[:, None] == np.arange(k)[None, :], 1.0, -1.0)
     np.testing.assert_allclose(np.asarray(hinge), (np.maximum(0, 1 - sign * s) ** 2).sum(0), rtol=1e-5)
@@ -54,9 +52,9 @@ def test_iou_and_ecos_match_numpy(rng, k):
                           for j in range(k)] for i in range(k)])
     np.testing.assert_allclose(np.asarray(iou), ref_iou, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(ecos), ref_ecos, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(klish.cluster_iou(W, b, xs, valid, ls, mesh=mesh, layout=layout)),
+    np.testing.assert_allclose(np.asarray(klish.cluster_iou(W, b, data, ls)),
                                ref_iou, rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(klish.ecos_matrix(W, b, xs, valid, mesh=mesh, layout=layout)),
+    np.testing.assert_allclose(np.asarray(klish.ecos_matrix(W, b, data)),
                                ref_ecos, rtol=1e-5)
 
 
@@ -66,8 +64,8 @@ def test_iou_by_hand():
     y = np.array([0, 1, 1, 0, 1])  # class 1 = {-1, 1, 3}: intersection {1, 3}, union {-1, 1, 2, 3}
     W = np.array([[-1.0], [1.0]], np.float32)
     b = np.zeros(2, np.float32)
-    xs, valid, mesh, layout, ls = _place(x, y, max_chunk_rows=8)
-    iou = np.asarray(klish.cluster_iou(W, b, xs, valid, ls, mesh=mesh, layout=layout))
+    data, ls = _place(x, y, max_chunk_rows=8)
+    iou = np.asarray(klish.cluster_iou(W, b, data, ls))
     np.testing.assert_allclose(iou, [1 / 3, 2 / 4], rtol=1e-6)  # class 0: S={-2,-1}, Y={-2,2}
 
 
@@ -89,12 +87,12 @@ def test_merge_rule_and_bookkeeping():
 @pytest.mark.slow
 def test_step_merges_labels_weights_and_ids():
     x, _ = _blobs(0, n=400, k=4)
-    xs, valid, mesh, layout = _place(x)
-    state, info = klish.klish_init(jax.random.key(0), xs, valid, 6, mesh=mesh, layout=layout,
+    data = _place(x)
+    state, info = klish.klish_init(jax.random.key(0), data, 6,
                                    filter_clusters=False)
     sizes = np.asarray(state.sizes)
     assert (np.diff(sizes) <= 0).all() and sizes.sum() == 400
-    new, rec = klish.klish_step(state, xs, valid, mesh=mesh, layout=layout)
+    new, rec = klish.klish_step(state, data)
     p, q = rec.p, rec.q
     assert (p, q) == klish.select_merge(rec.iou, rec.ecos)
     assert rec.k == 6 and rec.W.shape == (6, 3) and rec.ecos.shape == (6, 6)
@@ -126,26 +124,26 @@ def _records_equal(a, b):
 @pytest.fixture(scope="module")
 def full_run():
     x, y = _blobs(1, n=500, k=4)
-    xs, valid, mesh, layout = _place(x)
-    recs = klish.run_klish(jax.random.key(1), xs, valid, 6, mesh=mesh, layout=layout)
+    data = _place(x)
+    recs = klish.run_klish(jax.random.key(1), data, 6)
     return x, recs
 
 
 @pytest.mark.slow
 def test_resume_is_bitwise_identical(full_run):
     x, recs = full_run
-    xs, valid, mesh, layout = _place(x)
-    state, _ = klish.klish_init(jax.random.key(1), xs, valid, 6, mesh=mesh, layout=layout)
+    data = _place(x)
+    state, _ = klish.klish_init(jax.random.key(1), data, 6)
     first = []
     for _ in range(3):
-        state, rec = klish.klish_step(state, xs, valid, mesh=mesh, layout=layout)
+        state, rec = klish.klish_step(state, data)
         first.append(rec)
     # Simulate a checkpoint round trip through host memory.
     state = state._replace(
         W=jnp.asarray(np.asarray(state.W)), b=jnp.asarray(np.asarray(state.b)),
-        labels=sharding.shard_rows(np.asarray(state.labels)[:500], mesh, multiple=layout.padded_rows)[0],
+        labels=data.place(np.asarray(state.labels)[:500]),
     )
-    rest = klish.run_klish(None, xs, valid, 6, mesh=mesh, layout=layout, state=state)
+    rest = klish.run_klish(None, data, 6, state=state)
     assert [r.k for r in recs][-1] == 1 and recs[-1].p == -1
     _records_equal(first + rest, recs)
 
@@ -153,8 +151,8 @@ def test_resume_is_bitwise_identical(full_run):
 @pytest.mark.slow
 def test_one_and_eight_devices_bitwise_equal(full_run):
     x, recs = full_run
-    xs, valid, mesh, layout = _place(x, n_dev=1)
-    recs1 = klish.run_klish(jax.random.key(1), xs, valid, 6, mesh=mesh, layout=layout)
+    data = _place(x, n_dev=1)
+    recs1 = klish.run_klish(jax.random.key(1), data, 6)
     _records_equal(recs1, recs)
 
 
@@ -165,10 +163,10 @@ def test_merged_class_resolve_gives_the_joint_retraining_trajectory(retrain, sol
     # re-training all K classes after every merge; ("all", "joint") is the original
     # implementation's procedure: one plain L-BFGS over all classes on all rows.
     x, _ = _blobs(2, n=500, k=4, spread=10.0)
-    xs, valid, mesh, layout = _place(x)
+    data = _place(x)
     seqs = []
     for mode, sol in (("merged", "lbfgs"), (retrain, solver)):
-        recs = klish.run_klish(jax.random.key(2), xs, valid, 6, mesh=mesh, layout=layout, retrain=mode,
+        recs = klish.run_klish(jax.random.key(2), data, 6, retrain=mode,
                                solver=sol, filter_clusters=False)
         assert all(r.svm_converged for r in recs)
         seqs.append([(r.p, r.q) for r in recs])
@@ -182,17 +180,17 @@ def test_incremental_statistics_equal_recomputation(solver):
     # they are rebuilt from scratch. Records must be bitwise equal, and agree with the
     # independent one-pass merge_statistics to float tolerance.
     x, _ = _blobs(3, n=450, k=4, spread=6.0)
-    xs, valid, mesh, layout = _place(x)
-    state0, _ = klish.klish_init(jax.random.key(3), xs, valid, 7, mesh=mesh, layout=layout,
+    data = _place(x)
+    state0, _ = klish.klish_init(jax.random.key(3), data, 7,
                                  filter_clusters=False)
     cache = klish.MergeCache()
     sa, sb = state0, state0
     for _ in range(state0.W.shape[0]):
         labels = sa.labels
-        sa, ra = klish.klish_step(sa, xs, valid, mesh=mesh, layout=layout, solver=solver, cache=cache)
-        sb, rb = klish.klish_step(sb, xs, valid, mesh=mesh, layout=layout, solver=solver, cache=None)
+        sa, ra = klish.klish_step(sa, data, solver=solver, cache=cache)
+        sb, rb = klish.klish_step(sb, data, solver=solver, cache=None)
         _records_equal([ra], [rb])
-        iou, ecos, _ = klish.merge_statistics(ra.W, ra.b, xs, valid, labels, mesh=mesh, layout=layout)
+        iou, ecos, _ = klish.merge_statistics(ra.W, ra.b, data, labels)
         np.testing.assert_allclose(ra.iou, np.asarray(iou), rtol=1e-6)
         np.testing.assert_allclose(ra.ecos, np.asarray(ecos), rtol=1e-5, atol=1e-6)
         assert ra.svm_converged
@@ -205,15 +203,15 @@ def test_score_columns_do_not_depend_on_their_lane(rng):
     x = rng.standard_normal((300, 32)).astype(np.float32)
     W = rng.standard_normal((32, 32)).astype(np.float32)
     b = rng.standard_normal(32).astype(np.float32)
-    xs, valid, mesh, layout, ls = _place(x, rng.integers(0, 32, 300), max_chunk_rows=64)
-    S = np.asarray(klish._build(W, b, 32, 32, (), xs, valid, ls, mesh=mesh, layout=layout).scores)
+    data, ls = _place(x, rng.integers(0, 32, 300), max_chunk_rows=64)
+    S = np.asarray(klish._build(W, b, 32, 32, (), data, ls).scores)
     perm = rng.permutation(32)
-    Sp = np.asarray(klish._build(W[perm], b[perm], 32, 32, (), xs, valid, ls, mesh=mesh, layout=layout).scores)
+    Sp = np.asarray(klish._build(W[perm], b[perm], 32, 32, (), data, ls).scores)
     assert Sp.tobytes() == S[:, perm].tobytes()
     # Update GEMM: class 5 in lane 0 alone, then in lane 15 of a full group.
-    one = np.asarray(klish._refresh(jnp.asarray(S), W, b, [5], xs, valid, ls, mesh=mesh, layout=layout).scores)
+    one = np.asarray(klish._refresh(jnp.asarray(S), W, b, [5], data, ls).scores)
     grp = np.asarray(klish._refresh(jnp.asarray(S), W, b, np.r_[np.arange(5), np.arange(6, 16), 5],
-                                    xs, valid, ls, mesh=mesh, layout=layout).scores)
+                                    data, ls).scores)
     assert one[:, 5].tobytes() == grp[:, 5].tobytes()
 
 
@@ -223,15 +221,15 @@ def test_rebuild_recomputes_each_score_column_with_the_product_that_made_it():
     # update round differently on XLA:CPU, so a cache rebuilt from scratch (resume) must score the
     # clusters made by merges with the update, as the loop did, to give bitwise the same records.
     x, _ = _blobs(4, n=1200, d=32, k=40, spread=3.0)
-    xs, valid, mesh, layout = _place(x)
-    state0, _ = klish.klish_init(jax.random.key(4), xs, valid, 32, mesh=mesh, layout=layout,
+    data = _place(x)
+    state0, _ = klish.klish_init(jax.random.key(4), data, 32,
                                  filter_clusters=False)
     assert state0.W.shape[0] == 32
     cache = klish.MergeCache()
     sa = sb = state0
     for _ in range(4):
-        sa, ra = klish.klish_step(sa, xs, valid, mesh=mesh, layout=layout, cache=cache, max_iter=300)
-        sb, rb = klish.klish_step(sb, xs, valid, mesh=mesh, layout=layout, cache=None, max_iter=300)
+        sa, ra = klish.klish_step(sa, data, cache=cache, max_iter=300)
+        sb, rb = klish.klish_step(sb, data, cache=None, max_iter=300)
         _records_equal([ra], [rb])
     assert (np.asarray(sa.ids) >= 32).sum() >= 2  # merged clusters were re-scored by updates
 
@@ -241,8 +239,8 @@ def test_merge_steps_compile_no_program_per_k():
     merge loop that compiled programs for K-shaped arrays grew by ~60 MB per step (the default job
     peaked at 5.3 GiB). Once the programs of the first steps exist, later steps compile nothing."""
     x, _ = _blobs(3, n=400, k=6)
-    xs, valid, mesh, layout = _place(x)
-    state, _ = klish.klish_init(jax.random.key(0), xs, valid, 12, mesh=mesh, layout=layout,
+    data = _place(x)
+    state, _ = klish.klish_init(jax.random.key(0), data, 12,
                                 filter_clusters=False)
     compiles, listening = [], [True]  # the listener cannot be removed: it goes quiet after the test
     jax.monitoring.register_event_duration_secs_listener(
@@ -253,7 +251,7 @@ def test_merge_steps_compile_no_program_per_k():
     try:
         while state.W.shape[0] > 2:
             before = len(compiles)
-            state, _ = klish.klish_step(state, xs, valid, mesh=mesh, layout=layout, cache=cache)
+            state, _ = klish.klish_step(state, data, cache=cache)
             per_step.append(len(compiles) - before)
     finally:
         listening[0] = False

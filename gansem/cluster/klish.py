@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +89,9 @@ __all__ = [
     "run_klish",
     "MergeCache",
     "training_rows",
+    "counted_rows",
+    "is_complete",
+    "klish_steps",
 ]
 
 _LANES = 16  # classes per score GEMM of a merge step's update (the build computes all Kw at once)
@@ -152,6 +155,18 @@ class MergeRecord(NamedTuple):
     objective: float
     merged_ids: tuple
 
+    @classmethod
+    def from_saved(cls, d: dict) -> "MergeRecord":
+        """A record from its saved parts (arrays and JSON values, as :mod:`gansem.checkpoint` stores them)."""
+        return cls(
+            k=int(d["k"]), W=np.asarray(d["W"], np.float32), b=np.asarray(d["b"], np.float32),
+            iou=np.asarray(d["iou"], np.float32), ecos=np.asarray(d["ecos"], np.float32),
+            p=int(d["p"]), q=int(d["q"]), sizes=np.asarray(d["sizes"]),
+            svm_iters=int(d["svm_iters"]), svm_converged=bool(d["svm_converged"]),
+            svm_stop_reason=str(d["svm_stop_reason"]), objective=float(d["objective"]),
+            merged_ids=tuple(int(i) for i in np.asarray(d["merged_ids"]).reshape(-1)),
+        )
+
 
 # -- Eq. 4 and Eq. 5 -----------------------------------------------------------------
 
@@ -165,7 +180,7 @@ def _bucket(k: int, m: int = 32) -> int:
     return -(-k // m) * m
 
 
-def merge_statistics(W, b, x, valid, labels, *, mesh, layout):
+def merge_statistics(W, b, data: sharding.RowData, labels):
     """IoU (Eq. 4), ECoS (Eq. 5) and per-class squared-hinge sums, from scratch.
 
     Uses the kernels of the merge loop (one score GEMM over all K classes, then
@@ -174,20 +189,21 @@ def merge_statistics(W, b, x, valid, labels, *, mesh, layout):
 
     Args:
         W: ``[K, D]``; b: ``[K]``.
-        x: ``[N_pad, D]`` row-sharded; valid: ``[N_pad] float32``; labels: ``[N_pad] int32``.
-        mesh, layout: from :mod:`gansem.sharding`.
+        data: :class:`~gansem.sharding.RowData` of features ``[N_pad, D]``; rows with
+            ``data.valid`` 0 are not counted.
+        labels: ``[N_pad] int32`` row-sharded cluster ids.
 
     Returns:
         ``(iou [K], ecos [K, K], hinge [K])`` float32. A cluster with an empty
         union has IoU 0; a score map that is 0 everywhere has ECoS 0 with all.
     """
     k = W.shape[0]
-    stats = _build(W, b, k, k, (), x, valid, labels, mesh=mesh, layout=layout)
+    stats = _build(W, b, k, k, (), data, labels)
     iou, ecos = _finish(stats)
     return iou[:k], ecos[:k, :k], stats.hinge[:k]
 
 
-def cluster_iou(W, b, x, valid, labels, *, mesh, layout):
+def cluster_iou(W, b, data: sharding.RowData, labels):
     """Eq. 4: ``IoU_k = |S_k & Y_k| / |S_k | Y_k|`` with ``S_k = {x : w_k.x + b_k > 0}``.
 
     Counts are over every valid row of the dataset (not averaged per image).
@@ -195,17 +211,17 @@ def cluster_iou(W, b, x, valid, labels, *, mesh, layout):
     Returns:
         ``[K] float32``.
     """
-    return merge_statistics(W, b, x, valid, labels, mesh=mesh, layout=layout)[0]
+    return merge_statistics(W, b, data, labels)[0]
 
 
-def ecos_matrix(W, b, x, valid, *, mesh, layout):
+def ecos_matrix(W, b, data: sharding.RowData):
     """Eq. 5: cosine similarity of the score maps ``clamp((s_k + 1) / 2, 0, 1)`` over valid rows.
 
     Returns:
         ``[K, K] float32``.
     """
-    labels = jnp.zeros(valid.shape, jnp.int32)
-    return merge_statistics(W, b, x, valid, labels, mesh=mesh, layout=layout)[1]
+    labels = jnp.zeros(data.valid.shape, jnp.int32)
+    return merge_statistics(W, b, data, labels)[1]
 
 
 def select_merge(iou, ecos):
@@ -254,16 +270,16 @@ class MergeCache:
         self._key = None
         self._scores = None
 
-    def _get(self, state, x):
+    def _get(self, state, data):
         if self._key is None:
             return None
         xr, W, b, labels = self._key
-        if xr() is x and W is state.W and b is state.b and labels is state.labels:
+        if xr() is data.x and W is state.W and b is state.b and labels is state.labels:
             return self._scores
         return None
 
-    def _put(self, state, x, scores):
-        self._key = (weakref.ref(x), state.W, state.b, state.labels)
+    def _put(self, state, data, scores):
+        self._key = (weakref.ref(data.x), state.W, state.b, state.labels)
         self._scores = scores
 
     def clear(self):
@@ -284,10 +300,13 @@ def _updated_classes(state, retrain) -> np.ndarray:
     return np.flatnonzero(np.asarray(state.ids) >= _width(state))
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "layout"))
-def _score_block(x, Wl, bl, *, mesh, layout):
-    """Scores of classifiers ``Wl [L, D]``, ``bl [L]``: ``[N_pad, L]`` (one fixed-shape GEMM per chunk)."""
-    return sharding.row_map(lambda xc, W, b: svm_scores(W, b, xc), mesh, layout, (x,), (Wl, bl))
+@jax.jit
+def _score_block(x, Wl, bl):
+    """Scores of classifiers ``Wl [L, D]``, ``bl [L]`` on the rows of ``x`` (a RowData): ``[N_pad, L]``.
+
+    One fixed-shape GEMM per chunk.
+    """
+    return sharding.row_map(lambda xc, W, b: svm_scores(W, b, xc), x.mesh, x.layout, (x.x,), (Wl, bl))
 
 
 def _stats_width(k: int) -> int:
@@ -326,13 +345,13 @@ def _stats_chunk(sc, vc, lc, *, width):
     return d.T @ d, inter, (one @ pos).astype(jnp.int32), n_gt, one @ (neg * neg) + by_class[2]
 
 
-@functools.partial(jax.jit, static_argnames=("width", "mesh", "layout"))
-def _stats_of(S, valid, labels, *, width, mesh, layout):
-    return sharding.row_reduce(functools.partial(_stats_chunk, width=width), mesh, layout,
-                               (S, valid, labels))
+@functools.partial(jax.jit, static_argnames=("width",))
+def _stats_of(S, data, labels, *, width):
+    return sharding.row_reduce(functools.partial(_stats_chunk, width=width), data.mesh, data.layout,
+                               (S, data.valid, labels))
 
 
-def _with_stats(S, k, valid, labels, *, mesh, layout):
+def _with_stats(S, k, data, labels):
     """Statistics of classes ``0..k-1`` from the score matrix ``S [N_pad, Kw]``: one pass, one GEMM per row chunk.
 
     They cover ``_stats_width(k)`` columns, so the Gram matrix shrinks as classes merge
@@ -340,14 +359,13 @@ def _with_stats(S, k, valid, labels, *, mesh, layout):
     ``_STAT_LANES``. (``S`` is not passed through the jitted function: returning an
     input copies it.)
     """
-    return _Stats(S, *_stats_of(S, valid, labels, width=min(_stats_width(k), S.shape[1]),
-                                mesh=mesh, layout=layout))
+    return _Stats(S, *_stats_of(S, _mask_only(data), labels, width=min(_stats_width(k), S.shape[1])))
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "layout"))
-def _set_columns(S, x, Wl, bl, cols, *, mesh, layout):
+@jax.jit
+def _set_columns(S, x, Wl, bl, cols):
     """``S`` with columns ``cols [m]`` set to the first ``m`` lanes of the update GEMM ``x Wl^T + bl`` (``Wl [_LANES, D]``)."""
-    blk = _score_block(x, Wl, bl, mesh=mesh, layout=layout)  # [N_pad, _LANES]: the shape fixes the bits
+    blk = _score_block(x, Wl, bl)  # [N_pad, _LANES]: the shape fixes the bits
     return S.at[:, cols].set(blk[:, : cols.shape[0]], unique_indices=True)
 
 
@@ -364,7 +382,7 @@ def _lane_groups(W, b, cols):
         yield Wl, bl, c.astype(np.int32)
 
 
-def _build(W, b, k, kw, updated, x, valid, labels, *, mesh, layout):
+def _build(W, b, k, kw, updated, data, labels):
     """Statistics of classes ``0..k-1`` in ``kw`` columns from scratch: bitwise what :func:`_refresh` keeps.
 
     One ``[chunk, D] x [D, kw]`` GEMM scores every class (padding columns: weights
@@ -377,17 +395,29 @@ def _build(W, b, k, kw, updated, x, valid, labels, *, mesh, layout):
     Wp = np.zeros((kw, W.shape[1]), np.float32)
     bp = np.full(kw, -2.0, np.float32)
     Wp[:k], bp[:k] = W, np.asarray(b, np.float32)
-    S = _score_block(x, Wp, bp, mesh=mesh, layout=layout)
+    feats = _rows_only(data)
+    S = _score_block(feats, Wp, bp)
     for Wl, bl, c in _lane_groups(W, b, updated):
-        S = _set_columns(S, x, Wl, bl, c, mesh=mesh, layout=layout)
-    return _with_stats(S, k, valid, labels, mesh=mesh, layout=layout)
+        S = _set_columns(S, feats, Wl, bl, c)
+    return _with_stats(S, k, data, labels)
 
 
-def _refresh(S, W, b, cols, x, valid, labels, *, mesh, layout):
+def _refresh(S, W, b, cols, data, labels):
     """Recompute the score columns of classes ``cols`` (host ints) of ``S``, then all statistics from the scores."""
+    feats = _rows_only(data)
     for Wl, bl, c in _lane_groups(W, b, cols):
-        S = _set_columns(S, x, Wl, bl, c, mesh=mesh, layout=layout)
-    return _with_stats(S, int(W.shape[0]), valid, labels, mesh=mesh, layout=layout)
+        S = _set_columns(S, feats, Wl, bl, c)
+    return _with_stats(S, int(W.shape[0]), data, labels)
+
+
+def _rows_only(data):
+    """``data`` without its mask (a score GEMM does not read it; one compiled program for every mask)."""
+    return data.replace(valid=None)
+
+
+def _mask_only(data):
+    """``data`` without its features (the statistics pass reads the scores and the mask only)."""
+    return data.replace(x=None)
 
 
 @jax.jit
@@ -442,22 +472,20 @@ def separability_filter(iou):
     return m >= thr, m, thr
 
 
-def filter_initial_clusters(iou, centroids, x, valid, *, mesh, layout, kmeans_iters=20,
-                            kmeans_tol=1e-4):
+def filter_initial_clusters(iou, centroids, data: sharding.RowData, *, kmeans_iters=20, kmeans_tol=1e-4):
     """Drop poorly separable initial clusters and re-run Lloyd from the kept centroids.
 
     Args:
         iou: ``[K]`` IoU of SVMs trained on the initial clusters.
         centroids: ``[K, D]`` the initial centroids.
-        x, valid: row-sharded data; mesh, layout: from :mod:`gansem.sharding`.
+        data: the clustered rows (:class:`~gansem.sharding.RowData`).
         kmeans_iters, kmeans_tol: Lloyd settings.
 
     Returns:
         ``(KMeansResult, keep [K] bool, logits [K], threshold)``.
     """
     keep, logits, thr = separability_filter(iou)
-    res = km.lloyd(x, valid, jnp.asarray(centroids)[np.flatnonzero(keep)], mesh=mesh, layout=layout,
-                   max_iter=kmeans_iters, tol=kmeans_tol)
+    res = km.lloyd(data, jnp.asarray(centroids)[np.flatnonzero(keep)], max_iter=kmeans_iters, tol=kmeans_tol)
     return res, keep, logits, thr
 
 
@@ -479,15 +507,20 @@ def _without(valid, holdout):
     return valid * (1.0 - holdout)
 
 
-def training_rows(valid, holdout):
-    """``[N_pad] float32`` rows the SVMs are trained on: ``valid`` minus ``holdout`` (all valid rows if ``None``)."""
-    return valid if holdout is None else _without(valid, holdout)
+def training_rows(data: sharding.RowData, holdout=None) -> sharding.RowData:
+    """The rows the SVMs are trained on: ``data`` with the ``holdout`` rows masked out (all rows if ``None``)."""
+    return data if holdout is None else data.replace(valid=_without(data.valid, holdout))
 
 
-def klish_init(key, x, valid, k0, *, mesh, layout, filter_clusters=True, kmeans_iters=20,
+def counted_rows(data: sharding.RowData, holdout=None) -> sharding.RowData:
+    """The rows IoU and ECoS count: the ``holdout`` rows (module docstring), or all rows if ``None``."""
+    return data if holdout is None else data.replace(valid=holdout)
+
+
+def klish_init(key, data: sharding.RowData, k0, *, filter_clusters=True, kmeans_iters=20,
                kmeans_tol=1e-4, lam=5000.0, tol=1e-4, max_iter=2000, precond=None, solver="lbfgs",
                holdout=None):
-    """K-means++ and Lloyd, optional filter, ordered initial state of the merge loop.
+    """K-means++ and Lloyd, optional filter, ordered initial state of the merge loop (host-level driver).
 
     The state's classifier is the nearest-centroid linear model (:func:`linear_init`)
     or, with the filter, the SVMs trained for the filter (rows of kept clusters;
@@ -496,9 +529,8 @@ def klish_init(key, x, valid, k0, *, mesh, layout, filter_clusters=True, kmeans_
 
     Args:
         key: PRNG key for K-means++.
-        x: ``[N_pad, D]`` row-sharded features; valid: ``[N_pad] float32``.
+        data: :class:`~gansem.sharding.RowData` of features ``[N_pad, D]``.
         k0: initial number of clusters K0.
-        mesh, layout: from :mod:`gansem.sharding`.
         filter_clusters: apply the initial-cluster filter.
         kmeans_iters, kmeans_tol: Lloyd settings.
         lam, tol, max_iter, solver: SVM settings (filter only).
@@ -513,23 +545,19 @@ def klish_init(key, x, valid, k0, *, mesh, layout, filter_clusters=True, kmeans_
         ``filter_keep``, ``filter_svm_iters``, ``filter_svm_converged``,
         ``filter_svm_stop_reason``.
     """
-    res = km.kmeans(key, x, valid, k0, mesh=mesh, layout=layout, max_iter=kmeans_iters,
-                    tol=kmeans_tol)
+    res = km.kmeans(key, data, k0, max_iter=kmeans_iters, tol=kmeans_tol)
     info = {"k0": int(k0), "kmeans_inertia": float(res.inertia), "kmeans_iters": int(res.n_iter),
             "kmeans_converged": bool(res.converged)}
     W, b = linear_init(res.centroids)
     if filter_clusters:
-        train = training_rows(valid, holdout)
+        train = training_rows(data, holdout)
         if precond is None:
-            precond = svm.svm_preconditioner(x, train, mesh=mesh, layout=layout)
-        fit = svm.train_ovr_svm(x, train, res.labels, W, b, mesh=mesh, layout=layout, lam=lam,
-                                tol=tol, max_iter=max_iter, precond=precond,
+            precond = svm.svm_preconditioner(train)
+        fit = svm.train_ovr_svm(train, res.labels, W, b, lam=lam, tol=tol, max_iter=max_iter, precond=precond,
                                 compute_objective=False, solver=solver)
-        iou = cluster_iou(fit.W, fit.b, x, valid if holdout is None else holdout, res.labels,
-                          mesh=mesh, layout=layout)
-        res, keep, logits, thr = filter_initial_clusters(
-            iou, res.centroids, x, valid, mesh=mesh, layout=layout, kmeans_iters=kmeans_iters,
-            kmeans_tol=kmeans_tol)
+        iou = cluster_iou(fit.W, fit.b, counted_rows(data, holdout), res.labels)
+        res, keep, logits, thr = filter_initial_clusters(iou, res.centroids, data, kmeans_iters=kmeans_iters,
+                                                         kmeans_tol=kmeans_tol)
         kept = np.flatnonzero(keep)
         W, b = fit.W[kept], fit.b[kept]
         info.update(filter_iou=np.asarray(iou), filter_logits=logits, filter_threshold=thr,
@@ -558,23 +586,27 @@ def klish_init(key, x, valid, k0, *, mesh, layout, filter_clusters=True, kmeans_
 # -- merge loop ----------------------------------------------------------------------
 
 
-def klish_step(state: KlishState, x, valid, *, mesh, layout, lam=5000.0, tol=1e-4, max_iter=2000,
+def is_complete(state: KlishState) -> bool:
+    """The loop's one stopping rule: K = 1 and its record written (the step at K = 1 trains, then stops)."""
+    return int(state.W.shape[0]) == 1 and not bool(np.asarray(state.stale).any())
+
+
+def klish_step(state: KlishState, data: sharding.RowData, *, lam=5000.0, tol=1e-4, max_iter=2000,
                retrain="merged", precond=None, solver="lbfgs", cache: Optional[MergeCache] = None,
                holdout=None):
-    """One iteration of Algorithm 1: train, measure, record, merge.
+    """One iteration of Algorithm 1: train, measure, record, merge (host-level driver).
 
     Args:
         state: current :class:`KlishState`.
-        x: ``[N_pad, D]`` row-sharded features; valid: ``[N_pad] float32``.
-        mesh, layout: from :mod:`gansem.sharding`.
+        data: :class:`~gansem.sharding.RowData` of features ``[N_pad, D]``.
         lam, tol, max_iter, solver: SVM settings (:func:`gansem.cluster.svm.train_ovr_svm`).
         retrain: ``"merged"`` re-solves only stale classes (all at the first step,
             then the class produced by the last merge) and updates the merge
             statistics of those classes only; ``"all"`` re-solves every class
             from the warm start and recomputes every statistic (the original
             procedure, for comparison).
-        precond: :class:`gansem.cluster.svm.SVMPreconditioner` for ``x`` (computed
-            if None; pass it when looping).
+        precond: :class:`gansem.cluster.svm.SVMPreconditioner` of the training rows
+            (computed if None; pass it when looping).
         cache: a :class:`MergeCache` shared by the steps of one run (speed only;
             the result is bitwise the same without it).
         holdout: ``[N_pad] float32`` held-out row mask or ``None`` (module docstring): SVMs
@@ -583,7 +615,7 @@ def klish_step(state: KlishState, x, valid, *, mesh, layout, lam=5000.0, tol=1e-
 
     Returns:
         ``(new_state, record)``; at K = 1 the record has ``p = q = -1`` and the
-        state is not merged further.
+        state is not merged further (:func:`is_complete` becomes true).
     """
     k = int(state.W.shape[0])
     if retrain == "merged":
@@ -592,16 +624,15 @@ def klish_step(state: KlishState, x, valid, *, mesh, layout, lam=5000.0, tol=1e-
         classes = np.arange(k)
     else:
         raise ValueError(f"retrain must be 'merged' or 'all', got {retrain!r}")
-    scores = None if cache is None or retrain == "all" else cache._get(state, x)
-    fit = svm.train_ovr_svm(x, training_rows(valid, holdout), state.labels, state.W, state.b, mesh=mesh,
-                            layout=layout, lam=lam, tol=tol, max_iter=max_iter, classes=classes,
-                            precond=precond, compute_objective=False, solver=solver)
-    counted = valid if holdout is None else holdout
+    scores = None if cache is None or retrain == "all" else cache._get(state, data)
+    fit = svm.train_ovr_svm(training_rows(data, holdout), state.labels, state.W, state.b, lam=lam, tol=tol,
+                            max_iter=max_iter, classes=classes, precond=precond, compute_objective=False,
+                            solver=solver)
+    counted = counted_rows(data, holdout)
     if scores is None:
-        stats = _build(fit.W, fit.b, k, _width(state), _updated_classes(state, retrain), x, counted,
-                       state.labels, mesh=mesh, layout=layout)
+        stats = _build(fit.W, fit.b, k, _width(state), _updated_classes(state, retrain), counted, state.labels)
     else:
-        stats = _refresh(scores, fit.W, fit.b, classes, x, counted, state.labels, mesh=mesh, layout=layout)
+        stats = _refresh(scores, fit.W, fit.b, classes, counted, state.labels)
     iou, ecos = _finish(stats)
     n = float(np.asarray(state.sizes).sum()) if holdout is None else float(np.asarray(stats.n_gt).sum())
     W_h, b_h = np.asarray(fit.W), np.asarray(fit.b)
@@ -625,7 +656,7 @@ def klish_step(state: KlishState, x, valid, *, mesh, layout, lam=5000.0, tol=1e-
         new_state = state._replace(W=fit.W, b=fit.b, step=state.step + 1,
                                    stale=jnp.zeros((1,), bool))
         if cache is not None:
-            cache._put(new_state, x, stats.scores)
+            cache._put(new_state, data, stats.scores)
         return new_state, record
     # Merge p into q: labels p -> q, indices above p shift down, row p deleted. K-shaped arrays are
     # built on the host and placed with device_put, so no device program is compiled per K.
@@ -639,54 +670,79 @@ def klish_step(state: KlishState, x, valid, *, mesh, layout, lam=5000.0, tol=1e-
     new_ids[q] = merged_ids[2]
     stale = np.zeros(k - 1, bool)
     stale[q_new] = True
+    rep = sharding.replicated(data.mesh)
     new_state = KlishState(
-        W=jax.device_put(W_h[keep]),
-        b=jax.device_put(b_h[keep]),
+        W=jax.device_put(W_h[keep], rep),
+        b=jax.device_put(b_h[keep], rep),
         labels=_apply_table(state.labels, table),
-        sizes=jax.device_put(new_sizes[keep].astype(np.int32)),
+        sizes=jax.device_put(new_sizes[keep].astype(np.int32), rep),
         step=state.step + 1,
-        ids=jax.device_put(new_ids[keep].astype(np.int32)),
-        stale=jax.device_put(stale),
+        ids=jax.device_put(new_ids[keep].astype(np.int32), rep),
+        stale=jax.device_put(stale, rep),
     )
     if cache is not None:
         kw = stats.scores.shape[1]
         perm = np.concatenate([np.delete(np.arange(kw), p), [p]]).astype(np.int32)
-        cache._put(new_state, x, _drop_class(stats.scores, perm))
+        cache._put(new_state, data, _drop_class(stats.scores, perm))
     return new_state, record
 
 
-def run_klish(key, x, valid, k0, *, mesh, layout, on_step: Optional[Callable] = None,
-              state: Optional[KlishState] = None, filter_clusters=True, kmeans_iters=20,
-              kmeans_tol=1e-4, lam=5000.0, tol=1e-4, max_iter=2000, retrain="merged", solver="lbfgs",
-              holdout=None):
-    """Algorithm 1 down to K = 1 (the record at K = 1 has no merge).
+def klish_steps(state: KlishState, data: sharding.RowData, *, max_steps: Optional[int] = None,
+                precond=None, holdout=None, **step_kw) -> Iterator[tuple[MergeRecord, KlishState]]:
+    """The merge loop of Algorithm 1 as a generator: yields ``(record, state_after)`` per step.
+
+    This is the one merge loop of gansem: :func:`run_klish`, the command-line pipeline
+    (which saves each pair to resume from it) and research code all iterate it. It stops
+    by the one rule :func:`is_complete` (the record at K = 1 is the last), or after
+    ``max_steps`` steps of this call. One :class:`MergeCache` and one preconditioner
+    serve every step.
+
+    Args:
+        state: the state to continue from (:func:`klish_init`, or a saved one).
+        data: :class:`~gansem.sharding.RowData` of features ``[N_pad, D]``.
+        max_steps: stop after this many steps (``None``: run to completion).
+        precond: preconditioner of the training rows (computed once if None).
+        holdout: held-out row mask (see :func:`klish_step`).
+        **step_kw: ``lam``, ``tol``, ``max_iter``, ``retrain``, ``solver`` of :func:`klish_step`.
+    """
+    if precond is None:
+        precond = svm.svm_preconditioner(training_rows(data, holdout))
+    cache = MergeCache()
+    done = 0
+    while not is_complete(state) and (max_steps is None or done < max_steps):
+        state, record = klish_step(state, data, precond=precond, cache=cache, holdout=holdout, **step_kw)
+        done += 1
+        yield record, state
+
+
+def run_klish(key, data: sharding.RowData, k0, *, on_step: Optional[Callable] = None,
+              state: Optional[KlishState] = None, max_steps: Optional[int] = None, filter_clusters=True,
+              kmeans_iters=20, kmeans_tol=1e-4, lam=5000.0, tol=1e-4, max_iter=2000, retrain="merged",
+              solver="lbfgs", holdout=None) -> list[MergeRecord]:
+    """Algorithm 1 from K-means to K = 1 (the record at K = 1 has no merge); host-level driver.
 
     Args:
         key: PRNG key (K-means++; unused when resuming).
-        x: ``[N_pad, D]`` row-sharded features; valid: ``[N_pad] float32``.
+        data: :class:`~gansem.sharding.RowData` of features ``[N_pad, D]``.
         k0: initial number of clusters.
-        mesh, layout: from :mod:`gansem.sharding`.
         on_step: ``on_step(record, state)`` called after every step with the
             record and the state *after* it (save both to resume).
         state: resume from this state instead of initialising.
+        max_steps: stop after this many merge steps (see :func:`klish_steps`).
         filter_clusters, kmeans_iters, kmeans_tol: see :func:`klish_init`.
         lam, tol, max_iter, retrain, solver, holdout: see :func:`klish_step`.
 
     Returns:
         ``list[MergeRecord]`` of the steps run by this call.
     """
-    precond = svm.svm_preconditioner(x, training_rows(valid, holdout), mesh=mesh, layout=layout)
+    precond = svm.svm_preconditioner(training_rows(data, holdout))
     if state is None:
-        state, _ = klish_init(key, x, valid, k0, mesh=mesh, layout=layout,
-                              filter_clusters=filter_clusters, kmeans_iters=kmeans_iters,
+        state, _ = klish_init(key, data, k0, filter_clusters=filter_clusters, kmeans_iters=kmeans_iters,
                               kmeans_tol=kmeans_tol, lam=lam, tol=tol, max_iter=max_iter,
                               precond=precond, solver=solver, holdout=holdout)
-    cache = MergeCache()
     records = []
-    while not (state.W.shape[0] == 1 and not bool(np.asarray(state.stale).any())):
-        state, record = klish_step(state, x, valid, mesh=mesh, layout=layout, lam=lam, tol=tol,
-                                   max_iter=max_iter, retrain=retrain, precond=precond, solver=solver,
-                                   cache=cache, holdout=holdout)
+    for record, state in klish_steps(state, data, max_steps=max_steps, precond=precond, holdout=holdout,
+                                     lam=lam, tol=tol, max_iter=max_iter, retrain=retrain, solver=solver):
         records.append(record)
         if on_step is not None:
             on_step(record, state)
