@@ -19,10 +19,17 @@ the older kept state (the run is deterministic: the steps after it are
 recomputed bit for bit), and says so; it raises before any work is done when no
 kept state can be used.
 
+Several processes (``jax.distributed``): every process calls :meth:`RunCheckpoints.save_step`
+with the same values. Row-sharded state arrays (the current labels) are written shard by
+shard by the processes that hold them, never gathered on one host; host values (the
+records, K-shaped arrays) are written once. A state is read back as host arrays on every
+process (the labels are 4 bytes per pixel) and placed on the current mesh, so a run can
+resume on another device or process count.
+
 Example::
 
-    traj = load_trajectory("runs/dcgan")         # list of dicts, K0 → 1
-    W, b = traj[-26 - 1 + len(traj)]["W"], ...    # or classifier_at(traj, 26)
+    traj = load_trajectory("runs/dcgan")        # list of MergeRecord, K0 → 1
+    W, b = traj[0].W, traj[0].b                 # the K0 classifiers (raw feature space)
 """
 
 from __future__ import annotations
@@ -31,9 +38,13 @@ import json
 import os
 from typing import Any, Callable, Optional
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
-__all__ = ["RunCheckpoints", "CorruptCheckpointError", "load_trajectory", "record_to_host"]
+from .cluster.klish import MergeRecord
+
+__all__ = ["RunCheckpoints", "CorruptCheckpointError", "load_trajectory", "split_record"]
 
 
 class CorruptCheckpointError(ValueError):
@@ -72,17 +83,18 @@ def _describe_failure(step_dir: str, rel: str, exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}"
 
 
-def _ocp():
-    import orbax.checkpoint as ocp
-
-    return ocp
+_SHAPES = "_array_shapes"  # meta entry: {name: [shape, dtype]} of the saved arrays
 
 
-def record_to_host(tree) -> dict:
-    """Convert a NamedTuple/dict of arrays and scalars to host numpy / JSON-able parts.
+def split_record(tree) -> tuple[dict, dict]:
+    """Split a NamedTuple/dict into arrays (saved with Orbax) and JSON-able values.
+
+    Device arrays stay device arrays (Orbax writes each process's shards); everything else
+    becomes numpy. Strings, bools, ``None`` and tuples of ints go to the JSON part, which
+    also records every array's shape and dtype (to read the arrays back as host arrays).
 
     Returns:
-        ``(arrays: dict[str, np.ndarray], meta: dict)`` where strings/bools/ints go to meta.
+        ``(arrays: dict[str, array], meta: dict)``.
     """
     if hasattr(tree, "_asdict"):
         tree = tree._asdict()
@@ -92,12 +104,15 @@ def record_to_host(tree) -> dict:
             meta[k] = v
         elif isinstance(v, (tuple, list)) and all(isinstance(x, (int, np.integer)) for x in v):
             meta[k] = [int(x) for x in v]
+        elif isinstance(v, jax.Array) and v.ndim > 0:
+            arrays[k] = v
         else:
             a = np.asarray(v)
             if a.dtype.kind in "US":
                 meta[k] = a.tolist()
             else:
                 arrays[k] = a
+    meta[_SHAPES] = {k: [list(a.shape), np.dtype(a.dtype).str] for k, a in arrays.items()}
     return arrays, meta
 
 
@@ -105,7 +120,6 @@ class RunCheckpoints:
     """Write and read the trajectory/state checkpoints of one run directory."""
 
     def __init__(self, run_dir: str):
-        ocp = _ocp()
         self.run_dir = run_dir
         opts = dict(enable_async_checkpointing=False, create=True)
         self._traj = ocp.CheckpointManager(
@@ -126,14 +140,13 @@ class RunCheckpoints:
         resumed run recomputes that step (deterministically, the same record) and
         replaces it here.
         """
-        ocp = _ocp()
         if record is not None:
             if step in self._traj.all_steps():
                 self._traj.delete(step)
-            arrays, meta = record_to_host(record)
+            arrays, meta = split_record(record)
             self._traj.save(step, args=ocp.args.Composite(
                 record=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)), force=True)
-        arrays, meta = record_to_host(state)
+        arrays, meta = split_record(state)
         meta.update(state_meta or {})
         if step in self._state.all_steps():
             self._state.delete(step)
@@ -150,8 +163,15 @@ class RunCheckpoints:
         self._state.reload()
         return sorted(self._state.all_steps())
 
+    def _restore_arrays(self, manager, kind: str, step: int, name: str) -> tuple[dict, dict]:
+        """Arrays (as host numpy, whatever sharding they were saved with) and JSON values of one step."""
+        meta = dict(self._restore(manager, kind, step, meta=ocp.args.JsonRestore())["meta"])
+        shapes = meta.pop(_SHAPES, None)
+        target = None if shapes is None else {k: np.zeros(s, np.dtype(t)) for k, (s, t) in shapes.items()}
+        r = self._restore(manager, kind, step, **{name: ocp.args.StandardRestore(target)})
+        return {k: np.asarray(v) for k, v in r[name].items()}, meta
+
     def _restore(self, manager, kind: str, step: int, **items):
-        ocp = _ocp()
         rel = f"{kind}/{step}"
         try:
             return manager.restore(step, args=ocp.args.Composite(**items))
@@ -163,11 +183,8 @@ class RunCheckpoints:
 
     def load_state(self, step: Optional[int] = None) -> tuple[dict, dict]:
         """The state after ``step`` (default: the latest); :class:`CorruptCheckpointError` if it does not load."""
-        ocp = _ocp()
         step = self.latest_state_step() if step is None else step
-        r = self._restore(self._state, "state", step, state=ocp.args.StandardRestore(),
-                          meta=ocp.args.JsonRestore())
-        return dict(r["state"]), dict(r["meta"])
+        return self._restore_arrays(self._state, "state", step, "state")
 
     def record_steps(self) -> list[int]:
         self._traj.reload()
@@ -175,12 +192,8 @@ class RunCheckpoints:
 
     def load_record(self, step: int) -> dict:
         """The merge record of ``step``; :class:`CorruptCheckpointError` if it does not load."""
-        ocp = _ocp()
-        r = self._restore(self._traj, "trajectory", step, record=ocp.args.StandardRestore(),
-                          meta=ocp.args.JsonRestore())
-        out = dict(r["meta"])
-        out.update({k: np.asarray(v) for k, v in r["record"].items()})
-        return out
+        arrays, meta = self._restore_arrays(self._traj, "trajectory", step, "record")
+        return {**meta, **arrays}
 
     def resume_point(self, log: Optional[Callable[[str], None]] = None) -> Optional[tuple[int, dict, dict]]:
         """The state to resume from: ``(step, arrays, meta)``, or ``None`` when no state was saved yet.
@@ -237,11 +250,11 @@ class RunCheckpoints:
         self._state.close()
 
 
-def load_trajectory(run_dir: str) -> list[dict]:
+def load_trajectory(run_dir: str) -> list[MergeRecord]:
     """All merge records of a run, ordered by step (K0 first, K = 1 last when complete).
 
-    Each record is a dict with at least ``k``, ``W [k, D]``, ``b [k]``, ``iou [k]``,
-    ``ecos [k, k]``, ``p``, ``q``, ``sizes [k]``.
+    The records are :class:`gansem.cluster.klish.MergeRecord`, the type the merge loop
+    returns; their classifiers ``W [k, D]``, ``b [k]`` act on raw generator features.
     """
     if not os.path.isdir(os.path.join(run_dir, "trajectory")):
         raise FileNotFoundError(
@@ -250,7 +263,7 @@ def load_trajectory(run_dir: str) -> list[dict]:
         )
     ck = RunCheckpoints(run_dir)
     try:
-        return [ck.load_record(s) for s in ck.record_steps()]
+        return [MergeRecord.from_saved(ck.load_record(s)) for s in ck.record_steps()]
     except CorruptCheckpointError as e:
         raise CorruptCheckpointError(e.path, e.reason, f"{os.path.join(run_dir, e.path)} is corrupt ({e.reason}); "
                                      "resume the run (launch/klish.py ... --resume) to recompute it") from e

@@ -22,6 +22,7 @@ from gansem import metrics, sharding
 from gansem.checkpoint import CorruptCheckpointError, RunCheckpoints, load_trajectory
 from gansem.generators import GeneratorError
 from gansem.pipeline import ConfigError, KlishJobConfig, run_klish_job
+from test_checkpoint import record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(num_images=3, resolution=8, k0=12, seed=3, svm_max_iter=500)
@@ -165,7 +166,7 @@ def _tiny_run(d, steps=3):
     ck = RunCheckpoints(str(d))
     ck.save_step(0, None, {"step": np.int32(0), "W": np.zeros((5, 2), np.float32)})
     for s in range(1, steps + 1):
-        ck.save_step(s, {"k": np.int32(5 - s), "W": np.full((5 - s, 2), s, np.float32), "p": np.int32(0)},
+        ck.save_step(s, record(5 - s, float(s)),
                      {"step": np.int32(s), "W": np.full((5 - s, 2), s, np.float32)})
     ck.close()
     return str(d)
@@ -221,10 +222,9 @@ def test_corrupt_record_falls_back_to_the_state_before_it(tmp_path):
         load_trajectory(d)
     # the resumed run rewrites step 3 and the run reads back whole
     ck = RunCheckpoints(d)
-    ck.save_step(3, {"k": np.int32(2), "W": np.full((2, 2), 3, np.float32), "p": np.int32(0)},
-                 {"step": np.int32(3), "W": np.full((2, 2), 3, np.float32)})
+    ck.save_step(3, record(2, 3.0), {"step": np.int32(3), "W": np.full((2, 2), 3, np.float32)})
     ck.close()
-    assert [int(r["k"]) for r in load_trajectory(d)] == [4, 3, 2]
+    assert [r.k for r in load_trajectory(d)] == [4, 3, 2]
 
 
 def test_unrecoverable_damage_says_what_to_do(tmp_path):
