@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import sharding
 from .generators.base import FeatureLayer, Generator, GeneratorError
 
 __all__ = [
@@ -199,6 +200,16 @@ class FeatureTransform(NamedTuple):
             out[s:s + chunk] = z if self.basis is None else z @ self.basis
         return out
 
+    def apply_rows(self, data):
+        """The transform of row-sharded features: a :class:`~gansem.sharding.RowData` ``[N_pad, D]`` -> ``[N_pad, d]``.
+
+        Runs chunk by chunk on the devices that hold the rows (fixed chunk shapes), so every
+        row's result is the same for any device or process count.
+        """
+        mean, scale = jnp.asarray(self.mean), jnp.asarray(self.scale)
+        basis = None if self.basis is None else jnp.asarray(self.basis)
+        return data.replace(x=_apply_rows(data, mean, scale, basis))
+
     def to_feature_space(self, W, b):
         """A classifier ``W [K, d], b [K]`` on transformed features as ``(W' [K, D], b' [K])`` on raw ones."""
         W = np.asarray(W, np.float32)
@@ -239,19 +250,74 @@ def fit_feature_transform(x, layers: Sequence[FeatureLayer], *, balance: str = "
         entry positive).
     """
     x = np.asarray(x, np.float32)
+    mean, cov = feature_moments(x)
+    return transform_from_moments(mean, cov, layers, balance=balance, pca_dim=pca_dim)
+
+
+def feature_moments(x, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean [D], cov [D, D])`` float64 of host rows ``x [N, D]`` (population covariance, ``chunk`` rows at a time)."""
+    x = np.asarray(x, np.float32)
     n, d = x.shape
+    mean = x.mean(0, dtype=np.float64)
+    cov = np.zeros((d, d), np.float64)
+    for s in range(0, n, chunk):
+        c = x[s:s + chunk].astype(np.float64) - mean
+        cov += c.T @ c
+    return mean, cov / max(n, 1)
+
+
+def row_moments(data) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean [D], cov [D, D])`` of the valid rows of a :class:`~gansem.sharding.RowData` (population covariance).
+
+    Two passes of :func:`gansem.sharding.row_reduce` (the mean, then the centred second
+    moment), so the result is bit-identical for every device and process count that shares
+    the row layout, and no host ever holds the rows of another. Sums are float32 per chunk;
+    the moments come back as float64 host arrays.
+    """
+    total, n = _row_sums(data)
+    mean = total / jnp.maximum(n, 1.0)
+    return np.asarray(mean, np.float64), np.asarray(_row_cov(data, mean) / jnp.maximum(n, 1.0), np.float64)
+
+
+@jax.jit
+def _apply_rows(data, mean, scale, basis):
+    def chunk(x, m, s, *rest):
+        z = (x - m) * s
+        return z if not rest else z @ rest[0]
+
+    bcast = (mean, scale) if basis is None else (mean, scale, basis)
+    return sharding.row_map(chunk, data.mesh, data.layout, (data.x,), bcast)
+
+
+@jax.jit
+def _row_sums(data):
+    return sharding.row_reduce(lambda x, v: (v @ x, jnp.sum(v)), data.mesh, data.layout, (data.x, data.valid))
+
+
+@jax.jit
+def _row_cov(data, mean):
+    def chunk(x, v, m):
+        c = (x - m) * v[:, None]
+        return c.T @ c
+
+    return sharding.row_reduce(chunk, data.mesh, data.layout, (data.x, data.valid), (mean,))
+
+
+def transform_from_moments(mean, cov, layers: Sequence[FeatureLayer], *, balance: str = "layer",
+                           pca_dim: Optional[int] = None) -> FeatureTransform:
+    """The :class:`FeatureTransform` of features with these moments (see :func:`fit_feature_transform`).
+
+    Rows held by several devices or processes are fitted by combining their moments in a fixed
+    order first, so the transform depends on the data only (gansem.pipeline does this).
+    """
+    mean, cov = np.asarray(mean, np.float64), np.asarray(cov, np.float64)
+    d = mean.shape[0]
     if sum(l.channels for l in layers) != d:
         raise ValueError(f"layers hold {sum(l.channels for l in layers)} channels, features have {d}")
     if balance not in ("layer", "none"):
         raise ValueError(f"balance must be 'layer' or 'none', got {balance!r}")
     if pca_dim is not None and pca_dim < 0:
         raise ValueError(f"pca_dim must be >= 0, got {pca_dim}")
-    mean = x.mean(0, dtype=np.float64)
-    cov = np.zeros((d, d), np.float64)
-    for s in range(0, n, 65536):
-        c = x[s:s + 65536].astype(np.float64) - mean
-        cov += c.T @ c
-    cov /= max(n, 1)
     scale = np.ones(d, np.float64)
     if balance == "layer":
         var = np.diag(cov)

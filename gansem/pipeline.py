@@ -25,10 +25,24 @@ import dataclasses
 import json
 import math
 import os
+import resource
+import sys
 import time
 from typing import Optional, Sequence
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from . import sharding, viz
+from .checkpoint import CorruptCheckpointError, RunCheckpoints, load_trajectory
+from .cluster import klish as K
+from .cluster import svm
+from .features import (FeatureTransform, extract_features, row_moments, select_feature_layers,
+                       transform_from_moments)
+from .generators import load_generator
+from .segment import SegmentError, Segmenter, k_for_threshold
 
 __all__ = ["KlishJobConfig", "run_klish_job", "ConfigError", "apply_generator_settings"]
 
@@ -185,10 +199,6 @@ def _resume_point(run_dir: str):
     A damaged latest state (or a damaged record before it) falls back to the older
     kept state with a warning on stderr; ``None`` when no state was saved yet.
     """
-    import sys
-
-    from .checkpoint import CorruptCheckpointError, RunCheckpoints
-
     if not os.path.isdir(os.path.join(run_dir, "state")):
         return None
     ck = RunCheckpoints(run_dir)
@@ -205,6 +215,13 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
                   vis_ks: Optional[Sequence[int]] = None, num_vis: int = 6) -> dict:
     """Run (or resume) KLiSH end to end and write the run directory.
 
+    With several processes (``jax.distributed``, see :func:`gansem.sharding.initialize_distributed`)
+    every process calls this with the same arguments: each extracts the features of the
+    images whose pixels its devices hold and keeps only those rows; the merge loop's
+    collectives run across processes; process 0 writes the files other than the Orbax
+    checkpoints (which every process writes its shards of). ``run_dir`` must be on a
+    filesystem all processes see.
+
     Args:
         config: what to run.
         run_dir: output folder (created; must be new or empty unless ``resume``).
@@ -212,27 +229,19 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
         resume: continue the run in ``run_dir`` (an error if it holds none) from its latest intact saved
             merge step; a damaged latest step falls back to the older kept one (see
             :meth:`~gansem.checkpoint.RunCheckpoints.resume_point`).
-
-    Raises:
-        ConfigError: impossible arguments or run directory, found before the directory is
-            created and before any work is done.
         progress: show progress bars.
+        quiet: no log lines.
         max_steps: stop after this many merge steps in this call (for tests of interruption).
         vis_ks: K values shown in ``clusters.png`` (default: a handful spread over the trajectory).
         num_vis: number of samples in ``clusters.png``.
 
+    Raises:
+        ConfigError: impossible arguments or run directory, found before the directory is
+            created and before any work is done.
+
     Returns:
         The summary dict also written to ``summary.json``.
     """
-    import jax
-
-    from . import sharding
-    from .checkpoint import RunCheckpoints
-    from .cluster import klish as K
-    from .cluster import svm
-    from .features import extract_features, select_feature_layers
-    from .generators import load_generator
-
     # Everything that can be checked is checked before the run directory is created or any work is done.
     config.validate()
     npix = config.num_images * config.resolution ** 2
@@ -240,18 +249,21 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
         raise ConfigError(f"--devices {devices} is more than the {npix} pixels to cluster "
                           f"({config.num_images} images × {config.resolution}²); use at most {npix} devices")
     mesh = sharding.make_mesh(devices)  # DeviceError if they do not exist
+    lead = jax.process_index() == 0
+    quiet = quiet or not lead
+    progress = progress and lead
     t_start = time.time()
     timings = {}
     has_run = _check_run_dir(run_dir, config, resume)
     resume_from = _resume_point(run_dir) if has_run else None  # damaged checkpoints: fall back, or stop here
-    cfg = config.to_dict()
+    sharding.barrier("gansem-run-dir-checked")  # nobody creates the directory before everyone checked it
 
     # -- generator and features -----------------------------------------------------------
     t = time.time()
     gen, params, gen_meta = load_generator(config.generator)
-    gen = apply_generator_settings(gen, cfg)
+    gen = apply_generator_settings(gen, config.to_dict())
     layers = select_feature_layers(gen.feature_layers(), config.channel_budget)
-    if not has_run:
+    if not has_run and lead:
         _create_run_dir(run_dir, config)
     dim = sum(l.channels for l in layers)
     _log(f"generator {gen_meta.get('name', config.generator)} ({gen.family}, {gen.resolution}px); "
@@ -260,43 +272,36 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
     latents = np.asarray(gen.sample_latents(jax.random.fold_in(key, 0), config.num_images), np.float32)
     class_labels = gen.sample_class_labels(jax.random.fold_in(key, 1), config.num_images)
     class_labels = None if class_labels is None else np.asarray(class_labels, np.int32)
-    np.save(os.path.join(run_dir, "latents.npy"), latents)
-    if class_labels is not None:
-        np.save(os.path.join(run_dir, "class_labels.npy"), class_labels)
-    images, feats = extract_features(gen, params, latents, layers, config.resolution, class_labels,
-                                     batch_size=config.batch_size, progress=progress)
-    if not np.all(np.isfinite(feats)):
-        bad = int((~np.isfinite(feats)).any(axis=(1, 2, 3)).sum())
-        raise ConfigError(
-            f"the generator produced NaN/Inf features for {bad} of {config.num_images} samples; "
-            "check the checkpoint (a corrupt or mismatched conversion) or the truncation setting"
-        )
-    x_host = feats.reshape(-1, dim)
-    del feats
-    transform = clustering_transform(run_dir, x_host, layers, config, resume_from is not None)
-    x_host = transform.apply(x_host)
+    if lead:
+        np.save(os.path.join(run_dir, "latents.npy"), latents)
+        if class_labels is not None:
+            np.save(os.path.join(run_dir, "class_labels.npy"), class_labels)
+    layout = sharding.plan_rows(npix, mesh.devices.size)
+    x_local, start = _local_features(gen, params, layers, latents, class_labels, config, mesh, layout, progress)
+    raw = sharding.place_rows(_fetch(x_local, start), mesh, layout)
+    del x_local  # the placed rows are the only copy
+    transform = clustering_transform(run_dir, raw, layers, config, resume=resume_from is not None, save=lead)
+    data = transform.apply_rows(raw)
+    del raw
     if transform.basis is not None:
         _log(f"clustering space: layer balance {config.feature_balance}, PCA {dim} → {transform.dim}", quiet)
     timings["features_s"] = time.time() - t
 
     # -- devices --------------------------------------------------------------------------
     n_dev = mesh.devices.size
-    layout = sharding.plan_rows(x_host.shape[0], n_dev)
-    if layout.padded_rows != x_host.shape[0]:
-        _log(f"{x_host.shape[0]} pixels padded to {layout.padded_rows} rows ({layout.num_chunks} chunks) "
+    if layout.padded_rows != npix:
+        _log(f"{npix} pixels padded to {layout.padded_rows} rows ({layout.num_chunks} chunks) "
              f"for {n_dev} device(s); padding is masked out of every statistic", quiet)
-    x, valid = sharding.shard_rows(x_host, mesh, multiple=layout.padded_rows)
-    del x_host
     holdout = None
     if config.holdout:
-        holdout, _ = sharding.shard_rows(heldout_rows(config.num_images, config.resolution), mesh,
-                                         multiple=layout.padded_rows)
-    _log(f"{config.num_images} images × {config.resolution}² = {layout.num_rows} pixels × {transform.dim} features "
+        holdout = data.place(lambda a, b: heldout_rows(config.num_images, config.resolution)[a:b])
+    _log(f"{config.num_images} images × {config.resolution}² = {npix} pixels × {transform.dim} features "
          f"on {n_dev} {jax.default_backend()} device(s)"
+         + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
          + ("; IoU/ECoS on the held-out odd-numbered images" if config.holdout else ""), quiet)
 
     ck = RunCheckpoints(run_dir)
-    solver_kw = dict(lam=config.lam, tol=config.tol, max_iter=config.svm_max_iter, holdout=holdout)
+    solver_kw = dict(lam=config.lam, tol=config.tol, max_iter=config.svm_max_iter, solver=config.solver)
 
     def save(step, rec, st):
         """Records hold classifiers of raw features (segmentation never needs the transform); states do not."""
@@ -305,43 +310,34 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
             rec = rec._replace(W=W, b=b)
         ck.save_step(step, rec, st)
     try:
-        precond = svm.svm_preconditioner(x, K.training_rows(valid, holdout), mesh=mesh, layout=layout)
-        merge_cache = K.MergeCache()
+        precond = svm.svm_preconditioner(K.training_rows(data, holdout))
         # -- initial state ----------------------------------------------------------------
         t = time.time()
         if resume_from is not None:  # init.json (statistics only) is not needed to continue
             step, arrays, _ = resume_from
-            state = _state_from_host(arrays, mesh, layout)
+            state = _state_from_saved(arrays, data)
             resume_from = arrays = None
             _log(f"resuming from merge step {step} (K={_k(state)})", quiet)
         else:
             _log(f"K-means++ (K0={config.k0}) and initial SVMs...", quiet)
             state, init_info = K.klish_init(
-                jax.random.fold_in(key, 2), x, valid, config.k0, mesh=mesh, layout=layout,
-                filter_clusters=config.filter_clusters, kmeans_iters=config.kmeans_iters,
-                precond=precond, solver=config.solver, **solver_kw)
-            init_info = _jsonable(init_info)
-            with open(os.path.join(run_dir, "init.json"), "w") as f:
-                json.dump(init_info, f, indent=2)
+                jax.random.fold_in(key, 2), data, config.k0, filter_clusters=config.filter_clusters,
+                kmeans_iters=config.kmeans_iters, precond=precond, holdout=holdout, **solver_kw)
+            if lead:
+                with open(os.path.join(run_dir, "init.json"), "w") as f:
+                    json.dump(jsonable(init_info), f, indent=2)
             step = 0
             save(0, None, state)
             timings["init_s"] = time.time() - t
             _log(f"initial clusters: {_k(state)} (after filter) in {timings['init_s']:.1f}s", quiet)
 
-        # -- merge loop -------------------------------------------------------------------
+        # -- merge loop: the one loop of gansem.cluster.klish, with checkpoints and a progress bar ----
         t = time.time()
-        from tqdm.auto import tqdm
-
-        done_here = 0
-        with tqdm(total=step + _k(state) - 1, initial=step, desc="KLiSH merges", disable=not progress,
-                  unit="merge") as bar:
-            while _k(state) > 1:
-                if max_steps is not None and done_here >= max_steps:
-                    break
-                state, rec = K.klish_step(state, x, valid, mesh=mesh, layout=layout, retrain=config.retrain,
-                                          precond=precond, solver=config.solver, cache=merge_cache, **solver_kw)
+        with tqdm(total=step + _k(state), initial=step, desc="KLiSH merges", disable=not progress,
+                  unit="step") as bar:
+            for rec, state in K.klish_steps(state, data, max_steps=max_steps, precond=precond, holdout=holdout,
+                                            retrain=config.retrain, **solver_kw):
                 step += 1
-                done_here += 1
                 save(step, rec, state)
                 bar.update(1)
                 bar.set_postfix(K=int(rec.k), minIoU=f"{float(np.min(rec.iou)):.3f}", it=int(rec.svm_iters))
@@ -349,20 +345,59 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
     finally:
         ck.close()
 
-    complete = _k(state) <= 1
-    summary = {"complete": complete, "steps": step, "devices": n_dev, "backend": jax.default_backend(),
-               "pixels": layout.num_rows, "feature_dim": dim, "clustering_dim": transform.dim,
-               "layers": [l.name for l in layers], "timings": timings}
-    if complete:
+    complete = K.is_complete(state)
+    summary = {"complete": complete, "steps": step, "devices": n_dev, "processes": jax.process_count(),
+               "backend": jax.default_backend(), "pixels": npix, "feature_dim": dim,
+               "clustering_dim": transform.dim, "layers": [l.name for l in layers], "timings": timings}
+    if complete and lead:
         t = time.time()
-        summary.update(write_outputs(run_dir, gen, params, layers, latents, class_labels, images,
+        summary.update(write_outputs(run_dir, gen, params, layers, latents, class_labels,
                                      vis_ks=vis_ks, num_vis=num_vis, quiet=quiet))
         timings["outputs_s"] = time.time() - t
     timings["total_s"] = time.time() - t_start
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(_jsonable(summary), f, indent=2)
-    write_manifest(run_dir)
+    summary["peak_rss_mib"] = _peak_rss_mib()
+    if lead:
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(jsonable(summary), f, indent=2)
+        write_manifest(run_dir)
+    sharding.barrier("gansem-run-finished")
     return summary
+
+
+def _peak_rss_mib() -> list[int]:
+    """Peak resident memory of each process so far, MiB, in process order."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # KiB on Linux
+    if jax.process_count() == 1:
+        return [int(rss)]
+    return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int32(rss))).reshape(-1)]
+
+
+def _fetch(x_local, start: int):
+    """``fetch(a, b)`` of the rows ``[a, b)`` from the rows ``[start, start + len(x_local))`` this process holds."""
+    return lambda a, b: x_local[a - start:b - start]
+
+
+def _local_features(gen, params, layers, latents, class_labels, config, mesh, layout, progress):
+    """Raw features ``[stop - start, D]`` of the pixels held by this process's devices, and ``start``.
+
+    Pixels are ordered image by image, so the rows ``[start, stop)`` belong to the images
+    ``start // R² .. (stop - 1) // R²``: only those are generated here (with one process,
+    all of them).
+    """
+    start, stop = sharding.local_row_range(mesh, layout)
+    per_image = config.resolution ** 2
+    i0, i1 = start // per_image, -(-stop // per_image)
+    _, feats = extract_features(gen, params, latents[i0:i1], layers, config.resolution,
+                                None if class_labels is None else class_labels[i0:i1],
+                                batch_size=config.batch_size, progress=progress)
+    if not np.all(np.isfinite(feats)):
+        bad = int((~np.isfinite(feats)).any(axis=(1, 2, 3)).sum())
+        raise ConfigError(
+            f"the generator produced NaN/Inf features for {bad} of {i1 - i0} samples; "
+            "check the checkpoint (a corrupt or mismatched conversion) or the truncation setting"
+        )
+    x = feats.reshape(-1, feats.shape[-1])
+    return x[start - i0 * per_image: stop - i0 * per_image], start
 
 
 def heldout_rows(num_images: int, resolution: int) -> np.ndarray:
@@ -370,15 +405,17 @@ def heldout_rows(num_images: int, resolution: int) -> np.ndarray:
     return np.repeat((np.arange(num_images) % 2 == 1).astype(np.float32), resolution * resolution)
 
 
-def clustering_transform(run_dir: str, x_host, layers, config: KlishJobConfig, resume: bool):
-    """The run's :class:`~gansem.features.FeatureTransform`: fitted and saved to ``transform.npz``, or loaded on resume."""
-    from .features import FeatureTransform, fit_feature_transform
-
+def clustering_transform(run_dir: str, raw: sharding.RowData, layers, config: KlishJobConfig, *,
+                         resume: bool, save: bool = True) -> FeatureTransform:
+    """The run's :class:`~gansem.features.FeatureTransform`: fitted on the placed raw features and saved to
+    ``transform.npz``, or loaded on resume."""
     saved = FeatureTransform.from_run(run_dir) if resume else None
     if saved is not None:
         return saved
-    tr = fit_feature_transform(x_host, layers, balance=config.feature_balance, pca_dim=config.pca_dim or None)
-    tr.save(os.path.join(run_dir, FeatureTransform.FILE))
+    mean, cov = row_moments(raw)
+    tr = transform_from_moments(mean, cov, layers, balance=config.feature_balance, pca_dim=config.pca_dim or None)
+    if save:
+        tr.save(os.path.join(run_dir, FeatureTransform.FILE))
     return tr
 
 
@@ -386,31 +423,28 @@ def _k(state) -> int:
     return int(state.W.shape[0])
 
 
-def _state_from_host(arrays: dict, mesh, layout):
-    """Rebuild a :class:`KlishState` saved by :class:`RunCheckpoints`, placed on ``mesh``.
+def _state_from_saved(arrays: dict, data: sharding.RowData) -> K.KlishState:
+    """Rebuild a :class:`KlishState` saved by :class:`RunCheckpoints`, placed like ``data``.
 
-    Labels are re-padded if the saved padding differs (a different device count).
+    Labels are re-padded if the saved padding differs (another device count).
     """
-    import jax
-    import jax.numpy as jnp
-
-    from . import sharding
-    from .cluster.klish import KlishState
-
-    labels = np.asarray(arrays["labels"], np.int32)[: layout.num_rows]
-    labels, _ = sharding.shard_rows(labels, mesh, multiple=layout.padded_rows)
-    rep = sharding.replicated(mesh)
-    put = lambda name, dtype: jax.device_put(jnp.asarray(np.asarray(arrays[name]), dtype), rep)  # noqa: E731
-    return KlishState(W=put("W", jnp.float32), b=put("b", jnp.float32), labels=labels,
-                      sizes=put("sizes", jnp.int32), step=int(np.asarray(arrays["step"])),
-                      ids=put("ids", jnp.int32), stale=put("stale", bool))
+    labels = arrays["labels"]
+    if getattr(labels, "shape", (None,))[0] != data.padded_rows or not isinstance(labels, jax.Array):
+        host = np.asarray(labels, np.int32)[: data.num_rows]
+        labels = data.place(lambda a, b: host[a:b])
+    rep = sharding.replicated(data.mesh)
+    put = lambda name, dtype: jax.device_put(np.asarray(arrays[name], dtype), rep)  # noqa: E731
+    return K.KlishState(W=put("W", np.float32), b=put("b", np.float32), labels=labels,
+                        sizes=put("sizes", np.int32), step=int(np.asarray(arrays["step"])),
+                        ids=put("ids", np.int32), stale=put("stale", bool))
 
 
-def _jsonable(obj):
+def jsonable(obj):
+    """``obj`` with numpy/JAX values turned into JSON types (dicts, lists, numbers, strings)."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (np.generic,)):
         return obj.item()
     if hasattr(obj, "shape") and hasattr(obj, "dtype"):
@@ -429,29 +463,25 @@ def default_vis_ks(ks: Sequence[int], n: int = 6, selected: Optional[int] = None
     return cands
 
 
-def write_outputs(run_dir, gen, params, layers, latents, class_labels, images, vis_ks=None, num_vis=6,
+def write_outputs(run_dir, gen, params, layers, latents, class_labels, vis_ks=None, num_vis=6,
                   quiet=False) -> dict:
     """Pictures, per-K summary and the report of a finished trajectory."""
-    from . import viz
-    from .checkpoint import load_trajectory
-    from .segment import Segmenter, SegmentError, k_for_threshold
-
     traj = load_trajectory(run_dir)
-    ks = [int(r["k"]) for r in traj]
-    min_iou = [float(np.min(r["iou"])) for r in traj]
-    ecos_pq = [float(r["ecos"][int(r["p"]), int(r["q"])]) for r in traj]
-    rows = [{"k": int(r["k"]), "min_iou": mi, "mean_iou": float(np.mean(r["iou"])), "p": int(r["p"]),
-             "q": int(r["q"]), "ecos_pq": e, "svm_iters": int(r.get("svm_iters", -1)),
-             "svm_converged": bool(r.get("svm_converged", True)), "sizes_min": int(np.min(r["sizes"])),
-             "largest_share": float(np.max(r["sizes"]) / max(np.sum(r["sizes"]), 1))}
+    traj = [r for r in traj if r.k > 1]  # K = 1 has no merge and is no choice of K
+    ks = [r.k for r in traj]
+    min_iou = [float(np.min(r.iou)) for r in traj]
+    ecos_pq = [float(r.ecos[r.p, r.q]) for r in traj]
+    rows = [{"k": r.k, "min_iou": mi, "mean_iou": float(np.mean(r.iou)), "p": r.p, "q": r.q, "ecos_pq": e,
+             "svm_iters": r.svm_iters, "svm_converged": r.svm_converged, "sizes_min": int(np.min(r.sizes)),
+             "largest_share": float(np.max(r.sizes) / max(np.sum(r.sizes), 1))}
             for r, mi, e in zip(traj, min_iou, ecos_pq)]
     with open(os.path.join(run_dir, "trajectory.json"), "w") as f:
         json.dump(rows, f, indent=1)
     with open(os.path.join(run_dir, "config.json")) as f:
         cfg = json.load(f)
     phi = float(cfg.get("select_threshold", 0.5))
-    try:  # K = 1 is trivially separable: not a choice
-        k_sel = k_for_threshold([r for r in traj if int(r["k"]) > 1], phi)
+    try:
+        k_sel = k_for_threshold(traj, phi)
     except SegmentError:
         k_sel = None
     viz.trajectory_plot(ks, min_iou, ecos_pq, os.path.join(run_dir, "trajectory.png"))
@@ -461,7 +491,7 @@ def write_outputs(run_dir, gen, params, layers, latents, class_labels, images, v
     maps = {}
     imgs = None
     for k in vis_ks:
-        W, b = next((r["W"], r["b"]) for r in traj if int(r["k"]) == k)
+        W, b = next((r.W, r.b) for r in traj if r.k == k)
         seg = Segmenter(gen, params, tuple(layers), W, b, k, cfg)
         out = seg.segment_latents(latents[:n], None if class_labels is None else class_labels[:n],
                                   batch_size=min(16, n))
@@ -483,7 +513,7 @@ def write_outputs(run_dir, gen, params, layers, latents, class_labels, images, v
         (f"φ* = {phi}: the first K from K0 down whose minimum IoU reaches φ* is **K = {k_sel}** "
          f"(largest cluster {rows[ks.index(k_sel)]['largest_share']:.0%} of the pixels). Segment with "
          f"`python launch/segment.py --run RUN_DIR --threshold {phi} ...`." if k_sel is not None else
-         f"φ* = {phi}: no K reaches it (best minimum IoU {max(min_iou[:-1] or [0]):.3f}); lower --select-threshold."),
+         f"φ* = {phi}: no K reaches it (best minimum IoU {max(min_iou or [0]):.3f}); lower --select-threshold."),
         "",
         "## Cluster maps", "", "![cluster maps](clusters.png)", "",
         "## Separability along the trajectory", "", "![trajectory](trajectory.png)", "",

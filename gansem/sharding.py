@@ -13,17 +13,23 @@ Example::
     from gansem import sharding
     sharding.simulate_cpu_devices(8)     # before JAX starts; no-op on GPU/TPU hosts
     mesh = sharding.make_mesh(8)
-    x, valid = sharding.shard_rows(features, mesh)   # [N_pad, D], [N_pad]
+    data = sharding.place_rows(features, mesh)   # RowData: x [N_pad, D], valid [N_pad], layout, mesh
 """
 
 from __future__ import annotations
 
+import dataclasses as _dc
+import math
 import os
 import re
-import sys
+import warnings
 from typing import Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = [
     "DATA_AXIS",
@@ -48,6 +54,8 @@ __all__ = [
     "RowData",
     "place_rows",
     "local_row_range",
+    "initialize_distributed",
+    "barrier",
 ]
 
 DATA_AXIS = "data"
@@ -72,21 +80,22 @@ def simulate_cpu_devices(n: int) -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags).strip()
     os.environ["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={n}").strip()
-    if "jax" in sys.modules:
-        import jax
+    if _backends_initialised() and len(jax.devices("cpu")) < n and jax.default_backend() == "cpu":
+        raise DeviceError(
+            f"JAX is already running with {len(jax.devices('cpu'))} CPU device(s); "
+            f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} before JAX starts "
+            "(launch scripts do this for you when --devices is given first thing)."
+        )
 
-        try:
-            from jax._src import xla_bridge  # private, but the only way to know
 
-            initialised = bool(getattr(xla_bridge, "_backends", {}))
-        except Exception:  # pragma: no cover - defensive
-            initialised = True
-        if initialised and len(jax.devices("cpu")) < n and jax.default_backend() == "cpu":
-            raise DeviceError(
-                f"JAX is already running with {len(jax.devices('cpu'))} CPU device(s); "
-                f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} before importing jax "
-                "(launch scripts do this for you when --devices is given first thing)."
-            )
+def _backends_initialised() -> bool:
+    """Whether JAX has created its backends (after which XLA_FLAGS no longer take effect)."""
+    try:
+        from jax._src import xla_bridge  # private, but the only way to know without starting them
+
+        return bool(getattr(xla_bridge, "_backends", {}))
+    except Exception:  # pragma: no cover - defensive
+        return True
 
 
 #: Most CPU devices ``--devices`` simulates. Each simulated device is a host thread and XLA's collectives wait
@@ -107,7 +116,6 @@ def setup_devices_from_cli(devices: Optional[int]) -> Optional[str]:
     if devices is None:
         return None
     if devices > MAX_SIMULATED_CPU_DEVICES:
-        import jax  # no simulation asked: the real devices of the default backend
 
         try:
             real, backend = len(jax.devices()), jax.default_backend()
@@ -139,15 +147,14 @@ def make_mesh(num_devices: Optional[int] = None):
     Raises:
         DeviceError: more devices requested than exist, with what to do about it.
     """
-    import jax
-    from jax.sharding import AxisType, Mesh
 
     devices = jax.devices()
     n = len(devices) if num_devices is None else int(num_devices)
     if n < 1:
         raise DeviceError(f"number of devices must be >= 1, got {n}")
+    if jax.process_count() > 1:
+        return _multiprocess_mesh(n)
     if n > len(devices) and jax.default_backend() != "cpu" and len(jax.devices("cpu")) >= n:
-        import warnings
 
         warnings.warn(
             f"{n} devices requested but only {len(devices)} {jax.default_backend()} device(s) exist; "
@@ -163,16 +170,30 @@ def make_mesh(num_devices: Optional[int] = None):
     return Mesh(np.asarray(devices[:n]), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
+def _multiprocess_mesh(n: int):
+    """The mesh of ``n`` devices over all processes: the first ``n / P`` local devices of each, process by process."""
+
+    procs = jax.process_count()
+    if n % procs:
+        raise DeviceError(f"{n} devices cannot be split evenly over {procs} processes; use a multiple of {procs}")
+    per = n // procs
+    by_proc = [[d for d in jax.devices() if d.process_index == p] for p in range(procs)]
+    short = [p for p, ds in enumerate(by_proc) if len(ds) < per]
+    if short:
+        raise DeviceError(f"{n} devices over {procs} processes needs {per} per process, but process {short[0]} has "
+                          f"{len(by_proc[short[0]])}; ask for fewer devices (or simulate more per process)")
+    devices = [d for ds in by_proc for d in sorted(ds, key=lambda d: d.id)[:per]]
+    return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
 def row_sharding(mesh):
     """``NamedSharding`` that splits axis 0 over the data axis and replicates the rest."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
 def replicated(mesh):
     """``NamedSharding`` that replicates an array on every device of ``mesh``."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     return NamedSharding(mesh, P())
 
@@ -210,7 +231,6 @@ def shard_rows(x, mesh, fill=0, multiple: Optional[int] = None):
     Returns:
         ``(x_sharded [N_pad, ...], valid [N_pad] float32)``, both row-sharded.
     """
-    import jax
 
     m = mesh.devices.size if multiple is None else multiple
     xh = np.asarray(x)
@@ -228,7 +248,6 @@ def shard_rows(x, mesh, fill=0, multiple: Optional[int] = None):
 # therefore bit-identical on 1, 2, 4 or 8 devices (any device count dividing the
 # chunk count), and memory per step is bounded by one chunk.
 
-import dataclasses as _dc
 
 
 @_dc.dataclass(frozen=True)
@@ -256,7 +275,6 @@ def plan_rows(num_rows: int, num_devices: int, max_chunk_rows: int = 16384) -> R
     The chunk count is a multiple of ``lcm(num_devices, 8)``, so layouts (and
     therefore results) are identical for every device count that divides 8.
     """
-    import math
 
     if num_rows < 1:
         raise ValueError(f"need at least one row, got {num_rows}")
@@ -325,13 +343,11 @@ class ChunkRows:
 
     def take(self, idx):
         """Rows ``idx`` (chunk-relative, in range) as ``[len(idx), ...]``."""
-        import jax.numpy as jnp
 
         return jnp.take(self.block, self.start + idx, axis=0, mode="clip")  # in range: no fill select
 
     def all(self):
         """The whole chunk ``[size, ...]`` (a copy unless ``block`` is the chunk)."""
-        import jax
 
         if self.size == self.block.shape[0]:
             return self.block
@@ -359,9 +375,6 @@ def product_map_reduce(fn, x, w, mesh, layout: RowLayout, row_args=(), bcast_arg
 
 def _chunked(fn, mesh, layout: RowLayout, row_args, bcast_args, products=None):
     """Run ``fn`` chunk by chunk (``lax.map``); per-row outputs stay sharded, partials are summed in chunk order."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import PartitionSpec as P
 
     _check_layout(mesh, layout)
     n_local = layout.num_chunks // mesh.devices.size
@@ -407,7 +420,6 @@ def _isolated(fn, rows, bcast):
     the surrounding code, which changes the order of floating-point sums inside
     ``fn``; the barriers keep the per-chunk program the same for every device count.
     """
-    import jax
 
     # Separate barriers: one barrier over rows and parameters together made XLA:CPU run the
     # chunk program up to 1.7x slower (measured: nearest-centroid pass at D = 512).
@@ -418,7 +430,6 @@ def _isolated(fn, rows, bcast):
 
 def _ordered_sum(p):
     """Sum over axis 0 in a fixed sequential order (independent of how XLA vectorises reductions)."""
-    import jax
 
     def body(acc, x):
         return acc + x, None
@@ -449,9 +460,6 @@ def row_products(x, w, mesh, layout: RowLayout):
     Returns:
         ``[N_pad, L]`` row-sharded.
     """
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import PartitionSpec as P
 
     _check_layout(mesh, layout)
     n_local = layout.num_chunks // mesh.devices.size
@@ -528,7 +536,6 @@ class RowData:
 
 
 def _register_rowdata():
-    import jax
 
     jax.tree_util.register_dataclass(RowData, data_fields=["x", "valid"], meta_fields=["layout", "mesh"])
 
@@ -543,7 +550,6 @@ def local_row_range(mesh, layout: RowLayout) -> tuple[int, int]:
     process's devices are consecutive on the mesh (:func:`make_mesh`), so its rows are
     one block. Padding rows are excluded, so the range may be empty.
     """
-    import jax
 
     _check_layout(mesh, layout)
     per = layout.padded_rows // mesh.devices.size
@@ -563,7 +569,6 @@ def _place(rows, mesh, layout: RowLayout, fill=0):
     never exists on a host and, with several processes, each process only reads (or
     computes, with ``fetch``) its own rows.
     """
-    import jax
 
     n = layout.num_rows
     if callable(rows):
@@ -615,3 +620,53 @@ def place_rows(rows, mesh, layout: Optional[RowLayout] = None, *, num_rows: Opti
     x = _place(rows, mesh, layout, fill)
     valid = _place(lambda a, b: np.ones((b - a,), np.float32), mesh, layout, 0.0)
     return RowData(x=x, valid=valid, layout=layout, mesh=mesh)
+
+
+# -- several processes (jax.distributed) ----------------------------------------------
+
+
+def initialize_distributed(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None, local_devices: Optional[int] = None,
+                           timeout_s: int = 300, heartbeat_timeout_s: int = 100) -> None:
+    """Join a multi-process run with ``jax.distributed`` (call before anything touches a device).
+
+    With all three of ``coordinator`` (``HOST:PORT`` of process 0), ``num_processes`` and
+    ``process_id`` given, they are used; with none, JAX detects them from the cluster
+    environment (SLURM, Open MPI, TPU pods, Kubernetes). On CPU the collectives go over
+    gloo and ``local_devices`` simulated devices are created per process (the same
+    ``XLA_FLAGS`` mechanism as :func:`simulate_cpu_devices`). A process that stops sending
+    heartbeats for ``heartbeat_timeout_s`` seconds (killed, crashed, cut off) makes the
+    coordination service stop every other process, which then exits with an error naming
+    the lost task; rerun all processes with ``--resume``.
+
+    Raises:
+        DeviceError: partial arguments, or the coordinator cannot be reached in ``timeout_s``.
+    """
+    given = [a is not None for a in (coordinator, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise DeviceError("--coordinator, --num-processes and --process-id go together (or none of them, to "
+                          "let JAX read them from the cluster environment)")
+    if num_processes is not None and not (0 <= int(process_id) < int(num_processes)):
+        raise DeviceError(f"--process-id must be in [0, {num_processes}), got {process_id}")
+    if local_devices is not None:
+        simulate_cpu_devices(int(local_devices))
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+    kw = {} if coordinator is None else dict(coordinator_address=coordinator, num_processes=int(num_processes),
+                                            process_id=int(process_id))
+    try:
+        jax.distributed.initialize(initialization_timeout=int(timeout_s),
+                                   heartbeat_timeout_seconds=int(heartbeat_timeout_s), **kw)
+    except Exception as e:  # noqa: BLE001 - jax raises RuntimeError/ValueError/XlaRuntimeError here
+        where = f" at {coordinator}" if coordinator else ""
+        raise DeviceError(f"could not join the distributed run{where} ({str(e).splitlines()[0][:300]}); check "
+                          "that every process uses the same --coordinator and --num-processes and that process 0 "
+                          "is running") from e
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches this point (no-op with one process)."""
+
+    if jax.process_count() > 1:
+
+        multihost_utils.sync_global_devices(name)

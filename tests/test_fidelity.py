@@ -85,20 +85,18 @@ def _blobs(rng, n_per=60):
 def _place(x, holdout=None, n_dev=8):
     mesh = sharding.make_mesh(n_dev)
     layout = sharding.plan_rows(x.shape[0], n_dev, max_chunk_rows=64)
-    xs, valid = sharding.shard_rows(x, mesh, multiple=layout.padded_rows)
-    ho = None if holdout is None else sharding.shard_rows(holdout.astype(np.float32), mesh,
-                                                          multiple=layout.padded_rows)[0]
-    return xs, valid, ho, mesh, layout
+    data = sharding.place_rows(x, mesh, layout)
+    return data, None if holdout is None else data.place(holdout.astype(np.float32))
 
 
 def test_cluster_without_heldout_pixels_has_iou_zero_and_merges_first(rng):
     """Held-out statistics: IoU counts only held-out rows, so an unseen cluster has no evidence of separability."""
     x, y = _blobs(rng)
     holdout = (np.arange(x.shape[0]) % 2 == 1) & (y != 3)  # blob 3 never held out
-    xs, valid, ho, mesh, layout = _place(x, holdout)
-    state, _ = klish.klish_init(jax.random.key(0), xs, valid, 4, mesh=mesh, layout=layout,
+    data, ho = _place(x, holdout)
+    state, _ = klish.klish_init(jax.random.key(0), data, 4,
                                 filter_clusters=False, holdout=ho)
-    _, rec = klish.klish_step(state, xs, valid, mesh=mesh, layout=layout, holdout=ho)
+    _, rec = klish.klish_step(state, data, holdout=ho)
     sizes = np.asarray(rec.sizes)
     unseen = int(np.argmin([np.sum(holdout[np.asarray(state.labels)[: x.shape[0]] == k]) for k in range(4)]))
     assert sizes.sum() == x.shape[0]  # sizes count every pixel
@@ -111,8 +109,8 @@ def test_heldout_trajectory_is_device_invariant(rng):
     holdout = (np.arange(x.shape[0]) // 20) % 2 == 1
     out = []
     for n_dev in (1, 8):
-        xs, valid, ho, mesh, layout = _place(x, holdout, n_dev)
-        recs = klish.run_klish(jax.random.key(3), xs, valid, 6, mesh=mesh, layout=layout, holdout=ho,
+        data, ho = _place(x, holdout, n_dev)
+        recs = klish.run_klish(jax.random.key(3), data, 6, holdout=ho,
                                filter_clusters=False)
         out.append(recs)
     assert [(r.k, r.p, r.q) for r in out[0]] == [(r.k, r.p, r.q) for r in out[1]]
@@ -135,14 +133,14 @@ def test_run_stores_raw_feature_classifiers_of_its_clustering_space(small_run):
     tr = FeatureTransform.load(os.path.join(d, "transform.npz"))
     assert tr.basis.shape == (960, 16)
     traj = load_trajectory(d)
-    assert all(np.asarray(r["W"]).shape == (int(r["k"]), 960) for r in traj)
+    assert all(np.asarray(r.W).shape == (r.k, 960) for r in traj)
     # the stored classifier is the clustering-space one mapped back: W lies in the span of scale * basis
-    W = np.asarray(traj[0]["W"]) / tr.scale
+    W = np.asarray(traj[0].W) / tr.scale
     resid = W - (W @ tr.basis) @ tr.basis.T
     assert np.abs(resid).max() <= 1e-4 * np.abs(W).max()
-    seg = Segmenter.from_run(d, k=int(traj[3]["k"]))
+    seg = Segmenter.from_run(d, k=traj[3].k)
     out = seg.sample(2, seed=9)
-    assert out["labels"].shape == (2, 64, 64) and out["labels"].max() < int(traj[3]["k"])
+    assert out["labels"].shape == (2, 64, 64) and out["labels"].max() < traj[3].k
 
 
 def test_report_presents_the_selected_k(small_run):

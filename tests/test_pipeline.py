@@ -30,14 +30,14 @@ def run8(tmp_path_factory):
 
 
 def _merges(traj):
-    return [(int(r["k"]), int(r["p"]), int(r["q"])) for r in traj]
+    return [(r.k, r.p, r.q) for r in traj]
 
 
 def _assert_same_weights(ta, tb):
     """Bitwise-equal classifiers at every step (the solver's decisions are device-invariant)."""
     for a, b in zip(ta, tb):
-        np.testing.assert_array_equal(a["W"], b["W"])
-        np.testing.assert_array_equal(a["b"], b["b"])
+        np.testing.assert_array_equal(a.W, b.W)
+        np.testing.assert_array_equal(a.b, b.b)
 
 
 def test_run_directory_contents(run8):
@@ -51,19 +51,20 @@ def test_run_directory_contents(run8):
     report = open(os.path.join(d, "report.md")).read()
     assert "clusters.png" in report and "trajectory.png" in report
     traj = load_trajectory(d)
-    ks = [int(r["k"]) for r in traj]
-    assert ks == list(range(ks[0], ks[0] - len(ks), -1)) and ks[-1] == 2 and ks[0] <= SMALL["k0"]
-    for r in traj:
-        k = int(r["k"])
-        assert r["W"].shape == (k, 960) and r["b"].shape == (k,) and r["iou"].shape == (k,)
-        assert r["ecos"].shape == (k, k) and r["sizes"].shape == (k,)
-        assert 0 <= int(r["p"]) < k and 0 <= int(r["q"]) < k and int(r["p"]) != int(r["q"])
-        assert int(np.asarray(r["sizes"]).sum()) == SMALL["num_images"] * SMALL["resolution"] ** 2
+    ks = [r.k for r in traj]
+    assert ks == list(range(ks[0], 0, -1)) and ks[0] <= SMALL["k0"]  # one stopping rule: K = 1 is the last record
+    assert traj[-1].p == traj[-1].q == -1
+    for r in traj[:-1]:
+        k = r.k
+        assert r.W.shape == (k, 960) and r.b.shape == (k,) and r.iou.shape == (k,)
+        assert r.ecos.shape == (k, k) and r.sizes.shape == (k,)
+        assert 0 <= r.p < k and 0 <= r.q < k and r.p != r.q
+        assert int(np.asarray(r.sizes).sum()) == SMALL["num_images"] * SMALL["resolution"] ** 2
         # the merge rule of Algorithm 1, checked on the stored metrics
-        assert int(r["p"]) == int(np.argmin(r["iou"]))
-        row = np.array(r["ecos"][int(r["p"])], dtype=np.float64)
-        row[int(r["p"])] = -np.inf
-        assert int(r["q"]) == int(np.argmax(row))
+        assert r.p == int(np.argmin(r.iou))
+        row = np.array(r.ecos[r.p], dtype=np.float64)
+        row[r.p] = -np.inf
+        assert r.q == int(np.argmax(row))
     latents = np.load(os.path.join(d, "latents.npy"))
     assert latents.shape == (SMALL["num_images"], 100) and latents.dtype == np.float32
 
@@ -103,13 +104,11 @@ def test_bad_arguments_get_clear_errors(run8, tmp_path):
 
 
 def test_segment_labels_are_the_classifier_argmax_at_full_resolution(run8):
-    import jax.numpy as jnp
-
     from gansem.features import extract_features
 
     d, _ = run8
     traj = load_trajectory(d)
-    k = int(traj[len(traj) // 2]["k"])
+    k = traj[len(traj) // 2].k
     seg = Segmenter.from_run(d, k=k)
     out = seg.sample(num_samples=3, seed=11, batch_size=2)
     assert out["images"].shape == (3, 64, 64, 3) and out["images"].dtype == np.uint8
@@ -117,7 +116,7 @@ def test_segment_labels_are_the_classifier_argmax_at_full_resolution(run8):
     assert out["labels"].shape == (3, 64, 64) and out["labels"].dtype == np.int32
     assert out["labels"].min() >= 0 and out["labels"].max() < k
     # independent route: concatenated features at 64x64, then the classifier of the trajectory
-    W, b = next((r["W"], r["b"]) for r in traj if int(r["k"]) == k)
+    W, b = next((r.W, r.b) for r in traj if r.k == k)
     imgs, feats = extract_features(seg.generator, seg.params, out["latents"], seg.layers, 64, batch_size=3)
     scores = feats.reshape(-1, W.shape[1]) @ W.T + b
     ref = scores.argmax(-1).reshape(3, 64, 64)
@@ -133,7 +132,8 @@ def test_segment_labels_are_the_classifier_argmax_at_full_resolution(run8):
 def test_threshold_picks_first_k_reaching_phi(run8):
     d, _ = run8
     traj = load_trajectory(d)
-    min_iou = {int(r["k"]): float(np.min(r["iou"])) for r in traj}
+    traj = [r for r in traj if r.k > 1]
+    min_iou = {r.k: float(np.min(r.iou)) for r in traj}
     phi = sorted(min_iou.values())[len(min_iou) // 2]
     k = k_for_threshold(traj, phi)
     assert min_iou[k] >= phi and all(min_iou[j] < phi for j in min_iou if j > k)
@@ -175,7 +175,7 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path):
 def test_cli_segment_contract(run8, tmp_path):
     d, _ = run8
     traj = load_trajectory(d)
-    k = int(traj[-3]["k"])
+    k = traj[-3].k
     out = tmp_path / "seg.npz"
     r = _cli(["launch/segment.py", "--run", d, "--k", str(k), "--num-samples", "5", "--seed", "4",
               "--out", str(out), "--no-progress"])
@@ -216,4 +216,4 @@ def test_sigkill_then_resume_from_the_cli_gives_the_same_trajectory(run8, tmp_pa
     assert r.returncode == 0, r.stderr
     assert _merges(load_trajectory(out)) == _merges(load_trajectory(d8))
     for a, b in zip(load_trajectory(out), load_trajectory(d8)):
-        np.testing.assert_array_equal(a["W"], b["W"])
+        np.testing.assert_array_equal(a.W, b.W)
