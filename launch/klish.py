@@ -12,6 +12,16 @@ Any supported checkpoint works too:
     python -m weights_port convert ffhq.pkl ckpt/ffhq
     python launch/klish.py --checkpoint ckpt/ffhq --resolution 256 --num-images 256 --devices 8
 
+Several processes (hosts), with jax.distributed: start the same command on every host,
+
+    python launch/klish.py --devices 16 --out /shared/runs/d16 \
+        --coordinator host0:12355 --num-processes 4 --process-id I      # I = 0..3
+
+or, on a SLURM / Open MPI / TPU / Kubernetes cluster, --distributed (JAX reads the rest from the
+environment). Each process extracts the features of its own images and holds only its own rows;
+the trajectory is bit-identical to one process with the same device count. --out must be on a
+filesystem every process sees.
+
 The run directory's manifest.json says what each output file is.
 """
 
@@ -103,6 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of devices to shard pixels over; on a machine with fewer devices N CPU devices "
                         "are simulated (results are identical for any count dividing 8). Default: all devices")
     g.add_argument("--out", default=None, help="run directory (default: runs/<generator>-k<K0>-s<seed>)")
+    g = p.add_argument_group(
+        "several processes",
+        "jax.distributed: run the same command in every process; --devices counts the devices of all processes")
+    g.add_argument("--coordinator", default=None,
+                   help="HOST:PORT where process 0 serves the coordination service (with --num-processes and "
+                        "--process-id)")
+    g.add_argument("--num-processes", type=int, default=None, help="number of processes taking part")
+    g.add_argument("--process-id", type=int, default=None, help="this process's index, 0..num-processes-1")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run whose coordinator, size and index JAX reads from the cluster "
+                        "environment (SLURM, Open MPI, TPU pods, Kubernetes)")
+    g.add_argument("--heartbeat-timeout", type=int, default=100,
+                   help="seconds without a heartbeat after which a process counts as lost and the others stop")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last intact merge step (same flags required; an error "
                         "if --out holds no run)")
@@ -111,14 +134,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _lost_peer(e: BaseException) -> bool:
+    """Whether an exception is a collective or coordination failure (another process is gone)."""
+    msg = str(e)
+    return any(s in msg for s in ("Gloo", "Connection closed", "Connection reset", "heartbeat", "coordination",
+                                  "UNAVAILABLE", "DEADLINE_EXCEEDED", "NCCL"))
+
+
+def _report_lost_peer(e: BaseException, out: str):
+    """Say which process lost whom and how to continue, then exit at once (status 3)."""
+    import jax
+
+    print(f"error: process {jax.process_index()} lost contact with the other processes "
+          f"({str(e).splitlines()[0][:200]}): one was killed, crashed or cut off. Every completed merge step "
+          f"is saved in {out}; start all {jax.process_count()} processes again with the same flags and --resume",
+          file=sys.stderr, flush=True)
+    os._exit(3)  # skip JAX's shutdown barrier, which would abort with a long log now that a peer is gone
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from gansem import sharding
 
-    err = sharding.setup_devices_from_cli(args.devices)  # before JAX starts
-    if err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    multi = args.distributed or any(v is not None for v in (args.coordinator, args.num_processes, args.process_id))
+    if multi:
+        try:  # before JAX starts; on CPU each process simulates its share of --devices
+            if (args.num_processes and args.devices is not None and args.devices % args.num_processes):
+                raise sharding.DeviceError(f"--devices {args.devices} cannot be split evenly over "
+                                           f"{args.num_processes} processes")
+            local = None if (args.devices is None or not args.num_processes) else args.devices // args.num_processes
+            sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
+                                            local_devices=local, heartbeat_timeout_s=args.heartbeat_timeout)
+        except sharding.DeviceError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    else:
+        err = sharding.setup_devices_from_cli(args.devices)  # before JAX starts
+        if err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     from gansem.generators import GeneratorError
     from gansem.pipeline import ConfigError, KlishJobConfig, run_klish_job
 
@@ -137,7 +191,11 @@ def main(argv=None) -> int:
     try:
         summary = run_klish_job(config, out, devices=args.devices, resume=args.resume,
                                 progress=not args.no_progress, quiet=args.quiet)
-    except (ConfigError, GeneratorError, sharding.DeviceError, ValueError) as e:
+    except (ConfigError, GeneratorError, sharding.DeviceError, ValueError, RuntimeError) as e:
+        if multi and _lost_peer(e):
+            _report_lost_peer(e, out)
+        if isinstance(e, RuntimeError) and not isinstance(e, sharding.DeviceError):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a file of the run directory cannot be written or read (disk full, permissions)
