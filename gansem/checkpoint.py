@@ -89,8 +89,8 @@ _SHAPES = "_array_shapes"  # meta entry: {name: [shape, dtype]} of the saved arr
 def split_record(tree) -> tuple[dict, dict]:
     """Split a NamedTuple/dict into arrays (saved with Orbax) and JSON-able values.
 
-    Device arrays stay device arrays (Orbax writes each process's shards); everything else
-    becomes numpy. Strings, bools, ``None`` and tuples of ints go to the JSON part, which
+    Arrays that span several processes stay device arrays (Orbax writes each process's
+    shards); everything else becomes numpy. Strings, bools, ``None`` and tuples of ints go to the JSON part, which
     also records every array's shape and dtype (to read the arrays back as host arrays).
 
     Returns:
@@ -104,8 +104,8 @@ def split_record(tree) -> tuple[dict, dict]:
             meta[k] = v
         elif isinstance(v, (tuple, list)) and all(isinstance(x, (int, np.integer)) for x in v):
             meta[k] = [int(x) for x in v]
-        elif isinstance(v, jax.Array) and v.ndim > 0:
-            arrays[k] = v
+        elif isinstance(v, jax.Array) and v.ndim > 0 and not v.is_fully_addressable:
+            arrays[k] = v  # spans processes: each writes its own shards
         else:
             a = np.asarray(v)
             if a.dtype.kind in "US":

@@ -349,10 +349,12 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
     summary = {"complete": complete, "steps": step, "devices": n_dev, "processes": jax.process_count(),
                "backend": jax.default_backend(), "pixels": npix, "feature_dim": dim,
                "clustering_dim": transform.dim, "layers": [l.name for l in layers], "timings": timings}
-    if complete and lead:
+    if complete:
         t = time.time()
-        summary.update(write_outputs(run_dir, gen, params, layers, latents, class_labels,
-                                     vis_ks=vis_ks, num_vis=num_vis, quiet=quiet))
+        traj = load_trajectory(run_dir)  # every process: opening Orbax checkpoints is a collective
+        if lead:
+            summary.update(write_outputs(run_dir, traj, gen, params, layers, latents, class_labels,
+                                         vis_ks=vis_ks, num_vis=num_vis, quiet=quiet))
         timings["outputs_s"] = time.time() - t
     timings["total_s"] = time.time() - t_start
     summary["peak_rss_mib"] = _peak_rss_mib()
@@ -463,10 +465,9 @@ def default_vis_ks(ks: Sequence[int], n: int = 6, selected: Optional[int] = None
     return cands
 
 
-def write_outputs(run_dir, gen, params, layers, latents, class_labels, vis_ks=None, num_vis=6,
+def write_outputs(run_dir, traj, gen, params, layers, latents, class_labels, vis_ks=None, num_vis=6,
                   quiet=False) -> dict:
-    """Pictures, per-K summary and the report of a finished trajectory."""
-    traj = load_trajectory(run_dir)
+    """Pictures, per-K summary and the report of a finished trajectory (``load_trajectory(run_dir)``)."""
     traj = [r for r in traj if r.k > 1]  # K = 1 has no merge and is no choice of K
     ks = [r.k for r in traj]
     min_iou = [float(np.min(r.iou)) for r in traj]

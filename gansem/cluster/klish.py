@@ -570,14 +570,15 @@ def klish_init(key, data: sharding.RowData, k0, *, filter_clusters=True, kmeans_
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size)
     k = order.size
+    rep = sharding.replicated(data.mesh)  # K-shaped arrays: host values, replicated on the mesh
     state = KlishState(
-        W=jnp.asarray(W)[order],
-        b=jnp.asarray(b)[order],
+        W=jax.device_put(np.asarray(W, np.float32)[order], rep),
+        b=jax.device_put(np.asarray(b, np.float32)[order], rep),
         labels=_apply_table(res.labels, rank),
-        sizes=jnp.asarray(counts[order], jnp.int32),
+        sizes=jax.device_put(counts[order].astype(np.int32), rep),
         step=0,
-        ids=jnp.arange(k, dtype=jnp.int32),
-        stale=jnp.ones((k,), bool),
+        ids=jax.device_put(np.arange(k, dtype=np.int32), rep),
+        stale=jax.device_put(np.ones((k,), bool), rep),
     )
     info["k_init"] = k
     return state, info
