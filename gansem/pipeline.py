@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["KlishJobConfig", "run_klish_job", "ConfigError", "apply_generator_settings"]
+__all__ = ["KlishJobConfig", "run_klish_job", "ConfigError"]
 
 
 class ConfigError(ValueError):
@@ -108,17 +108,6 @@ class KlishJobConfig:
                               "raise --num-images or pass --no-holdout")
         if not 0.0 < self.select_threshold <= 1.0:
             raise ConfigError(f"--select-threshold must be in (0, 1], got {self.select_threshold}")
-
-
-def apply_generator_settings(gen, cfg: dict):
-    """Apply run-level generation settings (truncation) to a loaded generator, if it has them."""
-    psi = cfg.get("truncation")
-    if psi is None:
-        return gen
-    for field in ("truncation_psi", "truncation"):
-        if field in {f.name for f in dataclasses.fields(gen)}:
-            return gen.replace(**{field: float(psi)})
-    raise ConfigError(f"--truncation is not supported by the {gen.family} generator")
 
 
 def _read_json(path: str):
@@ -231,7 +220,7 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
     from .cluster import klish as K
     from .cluster import svm
     from .features import extract_features, select_feature_layers
-    from .generators import load_generator
+    from .zoo import load_generator
 
     # Everything that can be checked is checked before the run directory is created or any work is done.
     config.validate()
@@ -249,7 +238,7 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
     # -- generator and features -----------------------------------------------------------
     t = time.time()
     gen, params, gen_meta = load_generator(config.generator)
-    gen = apply_generator_settings(gen, cfg)
+    gen = gen.with_settings(truncation=config.truncation)
     layers = select_feature_layers(gen.feature_layers(), config.channel_budget)
     if not has_run:
         _create_run_dir(run_dir, config)
