@@ -30,6 +30,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .run import jsonable as _jsonable
+
 __all__ = ["KlishJobConfig", "run_klish_job", "ConfigError"]
 
 
@@ -393,19 +395,6 @@ def _state_from_host(arrays: dict, mesh, layout):
     return KlishState(W=put("W", jnp.float32), b=put("b", jnp.float32), labels=labels,
                       sizes=put("sizes", jnp.int32), step=int(np.asarray(arrays["step"])),
                       ids=put("ids", jnp.int32), stale=put("stale", bool))
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.generic,)):
-        return obj.item()
-    if hasattr(obj, "shape") and hasattr(obj, "dtype"):
-        a = np.asarray(obj)
-        return a.item() if a.ndim == 0 else a.tolist()
-    return obj
 
 
 def default_vis_ks(ks: Sequence[int], n: int = 6, selected: Optional[int] = None) -> list[int]:
