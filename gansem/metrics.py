@@ -280,6 +280,9 @@ class ContingencyAccumulator:
             ``8 * N * M * K`` bytes.
         backend: ``"numpy"`` (host bincount) or ``"jax"`` (:func:`contingency_device`).
         mesh: with ``backend="jax"``, shard the counting over this mesh.
+        grow_ref: the number of reference classes is not known in advance: ``num_ref`` is a
+            lower bound that grows to (largest reference label seen) + 1, earlier tables
+            gaining zero rows (reference labels streamed from a labeller).
 
     Attributes:
         table: ``[M, K]`` int64 counts over every image seen so far.
@@ -297,6 +300,7 @@ class ContingencyAccumulator:
         keep_per_image: bool = False,
         backend: str = "numpy",
         mesh=None,
+        grow_ref: bool = False,
     ):
         _check_counts(num_pred, num_ref)
         if backend not in ("numpy", "jax"):
@@ -309,6 +313,7 @@ class ContingencyAccumulator:
         self.keep_per_image = bool(keep_per_image)
         self.backend = backend
         self.mesh = mesh
+        self.grow_ref = bool(grow_ref)
         self.reset()
 
     def reset(self) -> None:
@@ -325,6 +330,8 @@ class ContingencyAccumulator:
             pred, ref = pred[None], ref[None]
         elif len(p_shape) != 3:
             raise ValueError(f"update expects label maps [B, H, W] or [H, W], got shape {p_shape}")
+        if self.grow_ref:
+            self._grow(ref)
         fn = contingency if self.backend == "numpy" else contingency_device
         kw = {} if self.backend == "numpy" else {"mesh": self.mesh}
         t = fn(
@@ -337,6 +344,22 @@ class ContingencyAccumulator:
         self.table += batch_total
         self.num_images += int(np.shape(pred)[0])
         self.num_ignored += int(np.prod(np.shape(pred))) - int(batch_total.sum())
+
+    def _grow(self, ref) -> None:
+        """Add zero rows so that every kept reference label of ``ref`` has one."""
+        r = np.asarray(ref)
+        if self.ignore_label is not None:
+            r = r[r != self.ignore_label]
+        if r.size == 0:
+            return
+        m = int(r.max()) + 1
+        if m <= self.num_ref:
+            return
+        _check_counts(self.num_pred, m)
+        extra = m - self.num_ref
+        self.table = np.pad(self.table, ((0, extra), (0, 0)))
+        self._per_image = [np.pad(t, ((0, 0), (0, extra), (0, 0))) for t in self._per_image]
+        self.num_ref = m
 
     @property
     def per_image_tables(self) -> np.ndarray:

