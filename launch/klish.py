@@ -19,7 +19,9 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _common  # first: puts gansem on the import path
+
+from gansem import sharding
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,12 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from gansem import sharding
-
-    err = sharding.setup_devices_from_cli(args.devices)  # before JAX starts
-    if err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    status = _common.setup_devices(args.devices)  # before JAX starts
+    if status:
+        return status
     from gansem.generators import GeneratorError
     from gansem.pipeline import ConfigError, KlishJobConfig, run_klish_job
 
