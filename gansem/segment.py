@@ -99,7 +99,7 @@ class Segmenter:
     W: np.ndarray
     b: np.ndarray
     k: int
-    run_config: dict
+    run_config: dict = dataclasses.field(default_factory=dict)
     mesh: object = None
 
     @classmethod
