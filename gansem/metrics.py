@@ -39,7 +39,11 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Optional, Sequence, Union
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from . import sharding
 
 __all__ = [
     "contingency",
@@ -164,8 +168,6 @@ def contingency(pred, ref, num_pred: int, num_ref: int, *, per_image: bool = Fal
 
 def _device_codes(pred, ref, num_pred, num_ref, ignore_label, per_image):
     """Flat bin codes (``L`` for dropped pixels) and the number of out-of-range pixels."""
-    import jax.numpy as jnp
-
     M, K = num_ref, num_pred
     n = pred.shape[0] if per_image else 1
     L = n * M * K
@@ -183,9 +185,6 @@ def _device_codes(pred, ref, num_pred, num_ref, ignore_label, per_image):
 
 
 def _device_table(pred, ref, *, num_pred, num_ref, ignore_label, per_image, mesh, layout):
-    import jax
-    import jax.numpy as jnp
-
     codes, bad, L = _device_codes(pred, ref, num_pred, num_ref, ignore_label, per_image)
 
     def count(c):  # one chunk of codes -> [L + 1] counts (last bin: dropped pixels)
@@ -193,7 +192,6 @@ def _device_table(pred, ref, *, num_pred, num_ref, ignore_label, per_image, mesh
 
     if mesh is None:
         return count(codes)[:L], bad
-    from gansem import sharding
 
     codes = jnp.pad(codes, (0, layout.padded_rows - codes.shape[0]), constant_values=L)
     codes = jax.lax.with_sharding_constraint(codes, sharding.row_sharding(mesh))
@@ -222,9 +220,6 @@ def contingency_device(
     Returns:
         ``[M, K]`` (or ``[N, M, K]``) int64 numpy array.
     """
-    import jax
-    import jax.numpy as jnp
-
     global _device_table_jit
     _check_counts(num_pred, num_ref)
     pred = jnp.asarray(pred)
@@ -242,8 +237,6 @@ def contingency_device(
     _check_counts(num_pred, num_ref, n)
     layout = None
     if mesh is not None:
-        from gansem import sharding
-
         layout = sharding.plan_rows(max(int(pred.size), 1), mesh.devices.size)
     if _device_table_jit is None:
         _device_table_jit = jax.jit(

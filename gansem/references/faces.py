@@ -58,8 +58,7 @@ how many were labelled and skipped. There is no fixed-box fallback: started from
 fixed box, the shape predictor returns a face-shaped set of points even on a blank
 image, so such a fit cannot be told apart from a real one. On 200 fresh samples of
 the bundled 64×64 DigiFace DCGAN, 164 (82 %) are labelled (169 of another 200); the
-skipped ones are mostly strongly turned, very dark or heavily occluded faces. Labelling
-takes about 20 ms per image on one CPU core.
+skipped ones are mostly strongly turned, very dark or heavily occluded faces.
 
 Limits: no hair, neck, ear, hat or glasses classes (hair or a hat brim inside the
 estimated forehead is labelled skin; glasses take the class of the part under them);
