@@ -12,9 +12,9 @@ import jax
 
 import gansem.generators.synthetic as syn  # registers the "synthetic-bands" family
 from gansem import evaluation as ev
-from gansem.references import sources
 from gansem.features import to_uint8
 from gansem.generators import save_checkpoint
+from gansem.references import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRUE_LABELS = "gansem.generators.synthetic:true_labels"

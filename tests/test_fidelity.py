@@ -13,6 +13,7 @@ from gansem.cluster import klish
 from gansem.features import FeatureTransform, fit_feature_transform
 from gansem.generators.base import FeatureLayer
 from gansem.pipeline import KlishJobConfig, heldout_rows, run_klish_job
+from gansem.run import record_field
 from gansem.segment import Segmenter
 
 LAYERS = (FeatureLayer("a", 4, 6, 0), FeatureLayer("b", 8, 3, 1), FeatureLayer("c", 16, 2, 2))
@@ -135,14 +136,14 @@ def test_run_stores_raw_feature_classifiers_of_its_clustering_space(small_run):
     tr = FeatureTransform.load(os.path.join(d, "transform.npz"))
     assert tr.basis.shape == (960, 16)
     traj = load_trajectory(d)
-    assert all(np.asarray(r["W"]).shape == (int(r["k"]), 960) for r in traj)
+    assert all(np.asarray(record_field(r, "W")).shape == (int(record_field(r, "k")), 960) for r in traj)
     # the stored classifier is the clustering-space one mapped back: W lies in the span of scale * basis
-    W = np.asarray(traj[0]["W"]) / tr.scale
+    W = np.asarray(record_field(traj[0], "W")) / tr.scale
     resid = W - (W @ tr.basis) @ tr.basis.T
     assert np.abs(resid).max() <= 1e-4 * np.abs(W).max()
-    seg = Segmenter.from_run(d, k=int(traj[3]["k"]))
+    seg = Segmenter.from_run(d, k=int(record_field(traj[3], "k")))
     out = seg.sample(2, seed=9)
-    assert out["labels"].shape == (2, 64, 64) and out["labels"].max() < int(traj[3]["k"])
+    assert out["labels"].shape == (2, 64, 64) and out["labels"].max() < int(record_field(traj[3], "k"))
 
 
 def test_report_presents_the_selected_k(small_run):

@@ -12,11 +12,10 @@ import pytest
 pytest.importorskip("dlib", reason="needs the faces extra: pip install 'gansem[faces]'")
 
 from gansem import evaluation as ev  # noqa: E402
-from gansem.references import sources  # noqa: E402
 from gansem import metrics  # noqa: E402
 from gansem.features import to_uint8  # noqa: E402
+from gansem.references import faces, sources  # noqa: E402
 from gansem.zoo import load_generator  # noqa: E402
-from gansem.references import faces  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BG, SKIN, BROWS, EYES, NOSE, LIPS, MOUTH = range(7)

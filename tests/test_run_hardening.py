@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 
 from gansem import evaluation as ev
-from gansem.references import sources
 from gansem import metrics, sharding
 from gansem.checkpoint import CorruptCheckpointError, RunCheckpoints, load_trajectory
 from gansem.generators import GeneratorError
 from gansem.pipeline import ConfigError, KlishJobConfig, run_klish_job
+from gansem.references import sources
+from gansem.run import record_field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(num_images=3, resolution=8, k0=12, seed=3, svm_max_iter=500)
@@ -225,7 +226,7 @@ def test_corrupt_record_falls_back_to_the_state_before_it(tmp_path):
     ck.save_step(3, {"k": np.int32(2), "W": np.full((2, 2), 3, np.float32), "p": np.int32(0)},
                  {"step": np.int32(3), "W": np.full((2, 2), 3, np.float32)})
     ck.close()
-    assert [int(r["k"]) for r in load_trajectory(d)] == [4, 3, 2]
+    assert [int(record_field(r, "k")) for r in load_trajectory(d)] == [4, 3, 2]
 
 
 def test_unrecoverable_damage_says_what_to_do(tmp_path):
