@@ -1,4 +1,4 @@
-"""Shared pieces of the speed benchmarks (issue 5): data, timing, memory, JSON, tables.
+"""Shared pieces of the speed benchmarks: data, timing, memory, JSON, tables.
 
 Every benchmark builds its data once and times gansem against the alternative
 in the same process, so ratios are measured under the same machine load.
@@ -12,8 +12,8 @@ Data sets (``--data``):
 
 Timing: :func:`time_call` runs the function once (compile + first run, reported
 as ``first_s``) and then ``repeats`` more times; ``best_s`` is the minimum of the
-repeats and ``compile_s = first_s - best_s``. The machine this was written on
-has 2 cores shared with other work, so minima are the only stable statistic.
+repeats and ``compile_s = first_s - best_s``. Minima are the most stable statistic
+on a machine shared with other work.
 
 Memory: :class:`PeakRSS` resets the kernel's high-water mark of this process
 (``/proc/self/clear_refs``, Linux >= 4.0) at the start of a phase and reads
@@ -39,6 +39,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import jax  # noqa: E402  (importing JAX starts no backend: setup_devices still works after it)
+
+from gansem import sharding  # noqa: E402
+from gansem.features import extract_features, select_feature_layers  # noqa: E402
+from gansem.run import jsonable  # noqa: E402
+from gansem.zoo import load_generator  # noqa: E402
+
 __all__ = [
     "DATASETS",
     "add_common_args",
@@ -48,6 +55,7 @@ __all__ = [
     "dcgan_features",
     "load_data",
     "place",
+    "place_data",
     "time_call",
     "block",
     "PeakRSS",
@@ -80,9 +88,7 @@ def add_common_args(parser: argparse.ArgumentParser, n_default: int = 100_000) -
 
 
 def setup_devices(n: int) -> None:
-    """Ask for ``n`` CPU devices; must run before JAX is imported."""
-    from gansem import sharding
-
+    """Ask for ``n`` CPU devices; must run before JAX starts its backends (before the first computation)."""
     if n > 1:
         sharding.simulate_cpu_devices(n)
 
@@ -100,13 +106,13 @@ def baseline_threads(n: int):
         yield
         return
     stack = contextlib.ExitStack()
-    try:
+    try:  # optional: only the baselines' thread pools need it
         from threadpoolctl import threadpool_limits
 
         stack.enter_context(threadpool_limits(n))
     except ImportError:  # pragma: no cover
         pass
-    try:
+    try:  # optional dependency of the K-means baseline
         import faiss
 
         before = faiss.omp_get_max_threads()
@@ -156,11 +162,6 @@ def dcgan_features(n: int, seed: int = 0, size: int = 32, cache: Optional[str] =
         path = os.path.join(cache, f"dcgan_s{seed}_r{size}_i{n_img}.npy")
         if os.path.exists(path):
             return np.load(path)[:n]
-    import jax
-
-    from gansem.features import extract_features, select_feature_layers
-    from gansem.generators import load_generator
-
     gen, params, _ = load_generator("dcgan-digiface")
     layers = select_feature_layers(gen.feature_layers())
     latents = np.asarray(gen.sample_latents(jax.random.key(seed), n_img), np.float32)
@@ -187,8 +188,6 @@ def load_data(args) -> tuple[np.ndarray, dict]:
 
 def place(x: np.ndarray, n_devices: int = 1, max_chunk_rows: Optional[int] = None):
     """Row-shard ``x`` the way the pipeline does; returns ``(xs, valid, mesh, layout)``."""
-    from gansem import sharding
-
     mesh = sharding.make_mesh(n_devices)
     kw = {} if max_chunk_rows is None else {"max_chunk_rows": max_chunk_rows}
     layout = sharding.plan_rows(x.shape[0], mesh.devices.size, **kw)
@@ -199,14 +198,16 @@ def place(x: np.ndarray, n_devices: int = 1, max_chunk_rows: Optional[int] = Non
 # -- timing ---------------------------------------------------------------------------
 
 
+def place_data(x: np.ndarray, n_devices: int = 1, max_chunk_rows: Optional[int] = None):
+    """Row-shard ``x`` as a :class:`gansem.sharding.RowData` (rows, mask, layout, mesh)."""
+    mesh = sharding.make_mesh(n_devices)
+    kw = {} if max_chunk_rows is None else {"max_chunk_rows": max_chunk_rows}
+    return sharding.place_rows(x, mesh, sharding.plan_rows(x.shape[0], mesh.devices.size, **kw))
+
+
 def block(out):
     """Wait for every JAX array in ``out`` (a pytree); returns ``out``."""
-    try:
-        import jax
-
-        jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, out)
-    except ImportError:  # pragma: no cover
-        pass
+    jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, out)
     return out
 
 
@@ -290,8 +291,6 @@ def memory_maps_used() -> Optional[float]:
 
 
 def machine_info() -> dict:
-    import jax
-
     cpu = "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -313,28 +312,12 @@ def machine_info() -> dict:
     }
 
 
-def _jsonable(o):
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, np.bool_):
-        return bool(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return o
-
-
 def write_json(path: Optional[str], payload: dict) -> None:
     if not path:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump(_jsonable(payload), f, indent=2)
+        json.dump(jsonable(payload), f, indent=2)
     print(f"wrote {path}")
 
 

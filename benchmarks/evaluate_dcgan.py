@@ -26,6 +26,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from gansem.evaluation import evaluate_run  # noqa: E402
+
 
 def colour_position_labels(images) -> np.ndarray:
     """Stand-in reference segmenter: ``3 * vertical_third + luminance_tercile`` → 9 classes.
@@ -74,8 +76,6 @@ def main(argv=None) -> int:
                 cmd.append("--resume")
             subprocess.run(cmd, check=True)
             print(f"[bench] KLiSH run ({args.run_images} images at 32², K0={args.run_k0}) in {time.time() - t:.0f}s")
-
-    from gansem.evaluation import evaluate_run
 
     ks = [int(k) for k in args.k.split(",")]
     baselines = [b for b in args.baselines.split(",") if b]

@@ -7,7 +7,7 @@ selected maps are bilinearly resized to one common resolution and concatenated
 along channels, giving one D-dimensional feature per pixel.
 
 Resizing follows the original implementation (``align_corners=True`` bilinear,
-no antialiasing when downsampling), see ``docs``: :func:`resize_bilinear_align_corners`.
+no antialiasing when downsampling): :func:`resize_bilinear_align_corners`.
 
 Clustering space (:class:`FeatureTransform`). The paper clusters the raw
 concatenated features. Two switchable, documented deviations make the small
@@ -40,12 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import sharding
+from .batching import map_batches
 from .generators.base import FeatureLayer, Generator, GeneratorError
 
 __all__ = [
     "select_feature_layers",
     "resize_bilinear_align_corners",
     "concat_features",
+    "feature_program",
     "make_feature_fn",
     "extract_features",
     "FeatureTransform",
@@ -123,12 +125,11 @@ def concat_features(feats: dict, layers: Sequence[FeatureLayer], size: int):
     return jnp.concatenate([resize_bilinear_align_corners(feats[l.name], size) for l in layers], axis=-1)
 
 
-def make_feature_fn(generator: Generator, layers: Sequence[FeatureLayer], size: int):
-    """A jitted ``f(params, latents, class_labels) -> (images [N,H,W,3], features [N,size,size,D])``."""
+def feature_program(generator: Generator, layers: Sequence[FeatureLayer], size: int):
+    """Traceable ``f(params, latents, class_labels) -> (images [N,H,W,3], features [N,size,size,D])``."""
     names = tuple(l.name for l in layers)
     layers = tuple(layers)
 
-    @jax.jit
     def feature_fn(params, latents, class_labels=None):
         img, feats = generator.synthesize(params, latents, class_labels, capture=names)
         return img, concat_features(feats, layers, size)
@@ -136,34 +137,32 @@ def make_feature_fn(generator: Generator, layers: Sequence[FeatureLayer], size: 
     return feature_fn
 
 
+def make_feature_fn(generator: Generator, layers: Sequence[FeatureLayer], size: int):
+    """:func:`feature_program` jitted."""
+    return jax.jit(feature_program(generator, layers, size))
+
+
 def extract_features(generator: Generator, params, latents, layers, size: int, class_labels=None,
-                     batch_size: int = 16, progress: bool = False, desc: str = "features"):
-    """Features of many samples as a host array, batch by batch.
+                     batch_size: int = 16, progress: bool = False, desc: str = "features", mesh=None):
+    """Features of many samples as a host array, batch by batch (:func:`gansem.batching.map_batches`).
 
     Args:
         latents: ``[N, *latent_shape]``.
         class_labels: ``[N]`` int or ``None``.
+        mesh: split every batch over this mesh's devices (same bits on any device count);
+            ``None``: one device.
 
     Returns:
         ``(images uint8 [N, H, W, 3], features float32 [N, size, size, D])`` on the host.
     """
-    from tqdm.auto import tqdm
-
-    fn = make_feature_fn(generator, layers, size)
     latents = np.asarray(latents)
-    n = latents.shape[0]
+    class_labels = None if class_labels is None else np.asarray(class_labels)
     imgs, feats = [], []
-    for s in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, unit="batch"):
-        lat = latents[s:s + batch_size]
-        cl = None if class_labels is None else np.asarray(class_labels)[s:s + batch_size]
-        pad = batch_size - lat.shape[0]
-        if pad:  # keep one compiled shape
-            lat = np.concatenate([lat, np.repeat(lat[-1:], pad, 0)])
-            if cl is not None:
-                cl = np.concatenate([cl, np.repeat(cl[-1:], pad, 0)])
-        img, f = fn(params, lat, cl)
-        imgs.append(to_uint8(np.asarray(img)[: batch_size - pad]))
-        feats.append(np.asarray(f)[: batch_size - pad])
+    for _, _, (img, f) in map_batches(feature_program(generator, layers, size), [latents, class_labels],
+                                      batch_size=batch_size, mesh=mesh, bcast_args=(params,),
+                                      progress=progress, desc=desc):
+        imgs.append(to_uint8(img))
+        feats.append(f)
     return np.concatenate(imgs), np.concatenate(feats)
 
 

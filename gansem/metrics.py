@@ -39,7 +39,11 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Optional, Sequence, Union
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from . import sharding
 
 __all__ = [
     "contingency",
@@ -164,8 +168,6 @@ def contingency(pred, ref, num_pred: int, num_ref: int, *, per_image: bool = Fal
 
 def _device_codes(pred, ref, num_pred, num_ref, ignore_label, per_image):
     """Flat bin codes (``L`` for dropped pixels) and the number of out-of-range pixels."""
-    import jax.numpy as jnp
-
     M, K = num_ref, num_pred
     n = pred.shape[0] if per_image else 1
     L = n * M * K
@@ -183,9 +185,6 @@ def _device_codes(pred, ref, num_pred, num_ref, ignore_label, per_image):
 
 
 def _device_table(pred, ref, *, num_pred, num_ref, ignore_label, per_image, mesh, layout):
-    import jax
-    import jax.numpy as jnp
-
     codes, bad, L = _device_codes(pred, ref, num_pred, num_ref, ignore_label, per_image)
 
     def count(c):  # one chunk of codes -> [L + 1] counts (last bin: dropped pixels)
@@ -193,7 +192,6 @@ def _device_table(pred, ref, *, num_pred, num_ref, ignore_label, per_image, mesh
 
     if mesh is None:
         return count(codes)[:L], bad
-    from gansem import sharding
 
     codes = jnp.pad(codes, (0, layout.padded_rows - codes.shape[0]), constant_values=L)
     codes = jax.lax.with_sharding_constraint(codes, sharding.row_sharding(mesh))
@@ -222,9 +220,6 @@ def contingency_device(
     Returns:
         ``[M, K]`` (or ``[N, M, K]``) int64 numpy array.
     """
-    import jax
-    import jax.numpy as jnp
-
     global _device_table_jit
     _check_counts(num_pred, num_ref)
     pred = jnp.asarray(pred)
@@ -242,8 +237,6 @@ def contingency_device(
     _check_counts(num_pred, num_ref, n)
     layout = None
     if mesh is not None:
-        from gansem import sharding
-
         layout = sharding.plan_rows(max(int(pred.size), 1), mesh.devices.size)
     if _device_table_jit is None:
         _device_table_jit = jax.jit(
@@ -280,6 +273,9 @@ class ContingencyAccumulator:
             ``8 * N * M * K`` bytes.
         backend: ``"numpy"`` (host bincount) or ``"jax"`` (:func:`contingency_device`).
         mesh: with ``backend="jax"``, shard the counting over this mesh.
+        grow_ref: the number of reference classes is not known in advance: ``num_ref`` is a
+            lower bound that grows to (largest reference label seen) + 1, earlier tables
+            gaining zero rows (reference labels streamed from a labeller).
 
     Attributes:
         table: ``[M, K]`` int64 counts over every image seen so far.
@@ -297,6 +293,7 @@ class ContingencyAccumulator:
         keep_per_image: bool = False,
         backend: str = "numpy",
         mesh=None,
+        grow_ref: bool = False,
     ):
         _check_counts(num_pred, num_ref)
         if backend not in ("numpy", "jax"):
@@ -309,6 +306,7 @@ class ContingencyAccumulator:
         self.keep_per_image = bool(keep_per_image)
         self.backend = backend
         self.mesh = mesh
+        self.grow_ref = bool(grow_ref)
         self.reset()
 
     def reset(self) -> None:
@@ -325,6 +323,8 @@ class ContingencyAccumulator:
             pred, ref = pred[None], ref[None]
         elif len(p_shape) != 3:
             raise ValueError(f"update expects label maps [B, H, W] or [H, W], got shape {p_shape}")
+        if self.grow_ref:
+            self._grow(ref)
         fn = contingency if self.backend == "numpy" else contingency_device
         kw = {} if self.backend == "numpy" else {"mesh": self.mesh}
         t = fn(
@@ -337,6 +337,22 @@ class ContingencyAccumulator:
         self.table += batch_total
         self.num_images += int(np.shape(pred)[0])
         self.num_ignored += int(np.prod(np.shape(pred))) - int(batch_total.sum())
+
+    def _grow(self, ref) -> None:
+        """Add zero rows so that every kept reference label of ``ref`` has one."""
+        r = np.asarray(ref)
+        if self.ignore_label is not None:
+            r = r[r != self.ignore_label]
+        if r.size == 0:
+            return
+        m = int(r.max()) + 1
+        if m <= self.num_ref:
+            return
+        _check_counts(self.num_pred, m)
+        extra = m - self.num_ref
+        self.table = np.pad(self.table, ((0, extra), (0, 0)))
+        self._per_image = [np.pad(t, ((0, 0), (0, extra), (0, 0))) for t in self._per_image]
+        self.num_ref = m
 
     @property
     def per_image_tables(self) -> np.ndarray:

@@ -41,10 +41,11 @@ from .cluster import klish as K
 from .cluster import svm
 from .features import (FeatureTransform, extract_features, row_moments, select_feature_layers,
                        transform_from_moments)
-from .generators import load_generator
+from .run import jsonable
 from .segment import SegmentError, Segmenter, k_for_threshold
+from .zoo import load_generator
 
-__all__ = ["KlishJobConfig", "run_klish_job", "ConfigError", "apply_generator_settings"]
+__all__ = ["KlishJobConfig", "run_klish_job", "ConfigError"]
 
 
 class ConfigError(ValueError):
@@ -122,17 +123,6 @@ class KlishJobConfig:
                               "raise --num-images or pass --no-holdout")
         if not 0.0 < self.select_threshold <= 1.0:
             raise ConfigError(f"--select-threshold must be in (0, 1], got {self.select_threshold}")
-
-
-def apply_generator_settings(gen, cfg: dict):
-    """Apply run-level generation settings (truncation) to a loaded generator, if it has them."""
-    psi = cfg.get("truncation")
-    if psi is None:
-        return gen
-    for field in ("truncation_psi", "truncation"):
-        if field in {f.name for f in dataclasses.fields(gen)}:
-            return gen.replace(**{field: float(psi)})
-    raise ConfigError(f"--truncation is not supported by the {gen.family} generator")
 
 
 def _read_json(path: str):
@@ -261,7 +251,7 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
     # -- generator and features -----------------------------------------------------------
     t = time.time()
     gen, params, gen_meta = load_generator(config.generator)
-    gen = apply_generator_settings(gen, config.to_dict())
+    gen = gen.with_settings(truncation=config.truncation)
     layers = select_feature_layers(gen.feature_layers(), config.channel_budget)
     if not has_run and lead:
         _create_run_dir(run_dir, config)
@@ -439,20 +429,6 @@ def _state_from_saved(arrays: dict, data: sharding.RowData) -> K.KlishState:
     return K.KlishState(W=put("W", np.float32), b=put("b", np.float32), labels=labels,
                         sizes=put("sizes", np.int32), step=int(np.asarray(arrays["step"])),
                         ids=put("ids", np.int32), stale=put("stale", bool))
-
-
-def jsonable(obj):
-    """``obj`` with numpy/JAX values turned into JSON types (dicts, lists, numbers, strings)."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, (np.generic,)):
-        return obj.item()
-    if hasattr(obj, "shape") and hasattr(obj, "dtype"):
-        a = np.asarray(obj)
-        return a.item() if a.ndim == 0 else a.tolist()
-    return obj
 
 
 def default_vis_ks(ks: Sequence[int], n: int = 6, selected: Optional[int] = None) -> list[int]:

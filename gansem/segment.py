@@ -17,53 +17,30 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .batching import map_batches
 from .features import resize_bilinear_align_corners, to_uint8
 from .generators.base import FeatureLayer, Generator
+from .run import Run, RunError, classifier_at, k_for_threshold
 
 __all__ = [
     "classifier_at",
     "k_for_threshold",
     "segment_scores",
+    "segment_program",
     "make_segment_fn",
     "Segmenter",
     "SegmentError",
 ]
 
-
-class SegmentError(ValueError):
-    """Impossible segmentation request (K not in the trajectory, threshold never reached...)."""
-
-
-def classifier_at(trajectory: Sequence[dict], k: int):
-    """``(W [k, D], b [k])`` of the trajectory entry with ``k`` clusters."""
-    for rec in trajectory:
-        if int(rec["k"]) == int(k):
-            return np.asarray(rec["W"]), np.asarray(rec["b"])
-    ks = sorted({int(r["k"]) for r in trajectory})
-    raise SegmentError(
-        f"K={k} is not in the trajectory (available: {ks[0]}..{ks[-1]}"
-        + ("" if len(ks) == ks[-1] - ks[0] + 1 else f", {len(ks)} values")
-        + "); pick one of those, or resume the run if it is incomplete"
-    )
-
-
-def k_for_threshold(trajectory: Sequence[dict], phi: float) -> int:
-    """The paper's φ*: the first K (scanning from K0 down) whose minimum IoU reaches ``phi``."""
-    for rec in sorted(trajectory, key=lambda r: -int(r["k"])):
-        if float(np.min(rec["iou"])) >= phi:
-            return int(rec["k"])
-    best = max(float(np.min(r["iou"])) for r in trajectory)
-    raise SegmentError(
-        f"the minimum IoU never reaches φ*={phi} in this trajectory (best {best:.3f}); choose a lower --threshold"
-    )
+#: Segmentation requests fail for the reasons a run does (K not in the trajectory, φ* never reached, ...);
+#: ``classifier_at`` and ``k_for_threshold`` are the run's (:mod:`gansem.run`), re-exported as segmentation API.
+SegmentError = RunError
 
 
 def segment_scores(feats: dict, layers: Sequence[FeatureLayer], W, b, size: int):
@@ -87,14 +64,13 @@ def segment_scores(feats: dict, layers: Sequence[FeatureLayer], W, b, size: int)
     return out + b
 
 
-def make_segment_fn(generator: Generator, layers: Sequence[FeatureLayer], size: Optional[int] = None):
-    """Jitted ``f(params, latents, class_labels, W, b) -> (images [N,H,W,3] float, labels [N,size,size] int32)``."""
+def segment_program(generator: Generator, layers: Sequence[FeatureLayer], size: Optional[int] = None):
+    """Traceable ``f(params, W, b, latents, class_labels) -> (images [N,H,W,3] float, labels [N,size,size] int32)``."""
     layers = tuple(layers)
     names = tuple(l.name for l in layers)
     size = size or generator.resolution
 
-    @jax.jit
-    def fn(params, latents, class_labels, W, b):
+    def fn(params, W, b, latents, class_labels):
         img, feats = generator.synthesize(params, latents, class_labels, capture=names)
         scores = segment_scores(feats, layers, W, b, size)
         return img, jnp.argmax(scores, axis=-1).astype(jnp.int32)
@@ -102,9 +78,20 @@ def make_segment_fn(generator: Generator, layers: Sequence[FeatureLayer], size: 
     return fn
 
 
+def make_segment_fn(generator: Generator, layers: Sequence[FeatureLayer], size: Optional[int] = None):
+    """Jitted ``f(params, latents, class_labels, W, b) -> (images [N,H,W,3] float, labels [N,size,size] int32)``."""
+    prog = segment_program(generator, layers, size)
+    return jax.jit(lambda params, latents, class_labels, W, b: prog(params, W, b, latents, class_labels))
+
+
 @dataclasses.dataclass
 class Segmenter:
-    """A generator plus the KLiSH classifier at one K, ready to label new samples."""
+    """A generator plus the KLiSH classifier at one K, ready to label new samples.
+
+    Attributes:
+        mesh: split every batch over this mesh's devices (:func:`gansem.batching.map_batches`:
+            the same masks on any device count); ``None``: one device.
+    """
 
     generator: Generator
     params: object
@@ -112,38 +99,21 @@ class Segmenter:
     W: np.ndarray
     b: np.ndarray
     k: int
-    run_config: dict
+    run_config: dict = dataclasses.field(default_factory=dict)
+    mesh: object = None
 
     @classmethod
-    def from_run(cls, run_dir: str, k: Optional[int] = None, threshold: Optional[float] = None):
-        from .checkpoint import load_trajectory
-        from .features import select_feature_layers
-        from .generators import load_generator
-
-        cfg_path = os.path.join(run_dir, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise SegmentError(f"{run_dir!r} is not a KLiSH run directory (no config.json); run launch/klish.py first")
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-        traj = load_trajectory(run_dir)
-        if not traj:
-            raise SegmentError(f"{run_dir!r} has no merge steps yet; let launch/klish.py run (or --resume it)")
+    def from_run(cls, run: Union[str, Run], k: Optional[int] = None, threshold: Optional[float] = None,
+                 mesh=None) -> "Segmenter":
+        """The classifier of a run (a directory or an opened :class:`~gansem.run.Run`) at ``k`` or at φ* = ``threshold``."""
         if (k is None) == (threshold is None):
             raise SegmentError("give exactly one of k or threshold")
+        if not isinstance(run, Run):
+            run = Run.open(run)
         if k is None:
-            k = k_for_threshold(traj, threshold)
-        W, b = classifier_at(traj, k)
-        from .pipeline import apply_generator_settings
-
-        gen, params, _ = load_generator(cfg["generator"])
-        gen = apply_generator_settings(gen, cfg)
-        layers = select_feature_layers(gen.feature_layers(), cfg["channel_budget"])
-        if sum(l.channels for l in layers) != W.shape[1]:
-            raise SegmentError(
-                f"the trajectory's classifier has {W.shape[1]} inputs but the generator's selected layers give "
-                f"{sum(l.channels for l in layers)} channels: the generator changed since the run"
-            )
-        return cls(gen, params, layers, W, b, int(k), cfg)
+            k = run.k_for_threshold(threshold)
+        W, b = run.classifier_at(k)
+        return cls(run.generator, run.params, tuple(run.layers), W, b, int(k), run.config, mesh)
 
     def sample(self, num_samples: int, seed: int, batch_size: int = 16, size: Optional[int] = None,
                progress: bool = False):
@@ -156,8 +126,6 @@ class Segmenter:
             dict with ``images`` uint8 ``[N,H,W,3]``, ``latents`` float32, ``labels`` int32 ``[N,H,W]``
             (and ``class_labels`` int32 ``[N]`` for conditional generators).
         """
-        from tqdm.auto import tqdm
-
         if num_samples < 1:
             raise SegmentError(f"--num-samples must be >= 1, got {num_samples}")
         gen = self.generator
@@ -169,24 +137,17 @@ class Segmenter:
 
     def segment_latents(self, latents, class_labels=None, batch_size: int = 16, size: Optional[int] = None,
                         progress: bool = False):
-        from tqdm.auto import tqdm
-
-        fn = make_segment_fn(self.generator, self.layers, size)
-        W, b = jnp.asarray(self.W), jnp.asarray(self.b)
+        """Label the samples of ``latents [N, ...]`` (and ``class_labels [N]``); same dict as :meth:`sample`."""
         latents = np.asarray(latents, np.float32)
-        n = latents.shape[0]
+        cl = None if class_labels is None else np.asarray(class_labels, np.int32)
         imgs, labs = [], []
-        for s in tqdm(range(0, n, batch_size), desc=f"segment K={self.k}", disable=not progress, unit="batch"):
-            lat = latents[s:s + batch_size]
-            cl = None if class_labels is None else np.asarray(class_labels)[s:s + batch_size]
-            m = lat.shape[0]
-            if m < batch_size:  # one compiled shape
-                lat = np.concatenate([lat, np.repeat(lat[-1:], batch_size - m, 0)])
-                cl = None if cl is None else np.concatenate([cl, np.repeat(cl[-1:], batch_size - m, 0)])
-            img, lab = fn(self.params, lat, cl, W, b)
-            imgs.append(to_uint8(np.asarray(img)[:m]))
-            labs.append(np.asarray(lab)[:m])
+        for _, _, (img, lab) in map_batches(segment_program(self.generator, self.layers, size), [latents, cl],
+                                            batch_size=batch_size, mesh=self.mesh,
+                                            bcast_args=(self.params, jnp.asarray(self.W), jnp.asarray(self.b)),
+                                            progress=progress, desc=f"segment K={self.k}"):
+            imgs.append(to_uint8(img))
+            labs.append(lab)
         out = {"images": np.concatenate(imgs), "latents": latents, "labels": np.concatenate(labs).astype(np.int32)}
-        if class_labels is not None:
-            out["class_labels"] = np.asarray(class_labels, np.int32)
+        if cl is not None:
+            out["class_labels"] = cl
         return out

@@ -7,6 +7,7 @@ import os
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
+from PIL import Image
 
 __all__ = [
     "palette",
@@ -62,14 +63,15 @@ def image_grid(images: np.ndarray, ncols: int = 8, pad: int = 2, fill: int = 255
 
 
 def save_png(path: str, image: np.ndarray) -> str:
-    from PIL import Image
-
+    """Write ``image [H, W, 3]`` uint8 as a PNG (folders created); returns ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(np.asarray(image, np.uint8)).save(path)
     return path
 
 
 def _plt():
+    """matplotlib's pyplot on the Agg backend, imported on first use: it costs about as much as the rest of
+    gansem's imports together and only the figures need it."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)

@@ -28,9 +28,10 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _common  # first: puts gansem on the import path
 
-_BASELINES = ("kmeans", "kmeans-arccos", "ahc", "ahc-cosine", "kasp")
+from gansem.evaluation import BASELINES as _BASELINES
+from gansem.evaluation import evaluate_run
 
 
 def _int_list(s: str):
@@ -99,36 +100,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="generator batch size of the evaluation pass")
     p.add_argument("--num-vis", type=int, default=4, help="samples shown in the cluster-map figures")
     p.add_argument("--devices", type=int, default=None,
-                   help="devices for fitting the baselines (N simulated CPU devices if fewer exist); default all")
+                   help="devices for fitting the baselines and for the generator batches (split over the "
+                        "devices, same results on any count dividing 8; N simulated CPU devices if fewer exist); "
+                        "default: all devices for the baselines, one for the batches")
     p.add_argument("--out", default=None, help="output folder (default: RUN/eval)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--quiet", action="store_true", help="no log lines")
     return p
 
 
+@_common.user_errors
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from gansem import sharding
-
-    err = sharding.setup_devices_from_cli(args.devices)  # before JAX starts
-    if err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    from gansem.evaluation import EvaluationError, evaluate_run
-    from gansem.generators import GeneratorError
-    from gansem.segment import SegmentError
-
+    status = _common.setup_devices(args.devices)
+    if status:
+        return status
     out = args.out or os.path.join(args.run, "eval")
-    try:
-        res = evaluate_run(
-            args.run, args.labels, args.k, args.baselines, args.num_samples, args.eval_seed,
-            batch_size=args.batch_size, devices=args.devices, miou_average=args.miou_average,
-            ahc_samples=args.ahc_samples, kasp_k0=args.kasp_k0, kmeans_iters=args.kmeans_iters,
-            ignore_label=args.ignore_label, num_vis=args.num_vis, out_dir=out, progress=not args.no_progress,
-            quiet=args.quiet)
-    except (EvaluationError, SegmentError, GeneratorError, FileNotFoundError, ImportError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = evaluate_run(
+        args.run, args.labels, args.k, args.baselines, args.num_samples, args.eval_seed,
+        batch_size=args.batch_size, devices=args.devices, batch_devices=args.devices,
+        miou_average=args.miou_average, ahc_samples=args.ahc_samples, kasp_k0=args.kasp_k0,
+        kmeans_iters=args.kmeans_iters, ignore_label=args.ignore_label, num_vis=args.num_vis, out_dir=out,
+        progress=not args.no_progress, quiet=args.quiet)
     if not args.quiet:
         with open(res["files"]["table"]) as f:
             print(f.read())

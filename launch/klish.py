@@ -29,7 +29,12 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _common  # first: puts gansem on the import path
+import jax
+
+from gansem import sharding
+from gansem.generators import GeneratorError
+from gansem.pipeline import ConfigError, KlishJobConfig, run_klish_job
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,8 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--paper", action="store_true",
                    help="paper-faithful clustering: raw features (no layer balance, no PCA) and IoU/ECoS on the "
                         "training pixels (no held-out images); the flags below override single settings")
-    from gansem.pipeline import KlishJobConfig  # numpy only: safe before the devices are set up
-
     d = KlishJobConfig()
     g.add_argument("--feature-balance", choices=("layer", "none"), default=argparse.SUPPRESS,
                    help="scale each feature layer to the same share of the total variance ('layer'), or use the "
@@ -143,8 +146,6 @@ def _lost_peer(e: BaseException) -> bool:
 
 def _report_lost_peer(e: BaseException, out: str):
     """Say which process lost whom and how to continue, then exit at once (status 3)."""
-    import jax
-
     print(f"error: process {jax.process_index()} lost contact with the other processes "
           f"({str(e).splitlines()[0][:200]}): one was killed, crashed or cut off. Every completed merge step "
           f"is saved in {out}; start all {jax.process_count()} processes again with the same flags and --resume",
@@ -154,27 +155,21 @@ def _report_lost_peer(e: BaseException, out: str):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from gansem import sharding
-
     multi = args.distributed or any(v is not None for v in (args.coordinator, args.num_processes, args.process_id))
     if multi:
         try:  # before JAX starts; on CPU each process simulates its share of --devices
-            if (args.num_processes and args.devices is not None and args.devices % args.num_processes):
+            if args.num_processes and args.devices is not None and args.devices % args.num_processes:
                 raise sharding.DeviceError(f"--devices {args.devices} cannot be split evenly over "
                                            f"{args.num_processes} processes")
             local = None if (args.devices is None or not args.num_processes) else args.devices // args.num_processes
             sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
                                             local_devices=local, heartbeat_timeout_s=args.heartbeat_timeout)
         except sharding.DeviceError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return _common.fail(e)
     else:
-        err = sharding.setup_devices_from_cli(args.devices)  # before JAX starts
-        if err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    from gansem.generators import GeneratorError
-    from gansem.pipeline import ConfigError, KlishJobConfig, run_klish_job
+        status = _common.setup_devices(args.devices)  # before JAX starts
+        if status:
+            return status
 
     spec = args.checkpoint or args.generator
     fidelity = {k: getattr(args, k) for k in ("feature_balance", "pca_dim", "holdout") if hasattr(args, k)}

@@ -17,7 +17,11 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _common  # first: puts gansem on the import path
+import numpy as np
+
+from gansem import sharding, viz
+from gansem.segment import Segmenter
 
 
 def build_parser():
@@ -35,7 +39,12 @@ def build_parser():
     p.add_argument("--seed", type=int, required=True,
                    help="seed of the samples: latents = generator.sample_latents(fold_in(key(seed), 0), N)")
     p.add_argument("--out", required=True, help="output .npz file")
-    p.add_argument("--batch-size", type=int, default=16, help="generator batch size")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="generator batch size (with --devices: split over the devices, micro-batches of "
+                        "ceil(batch-size / 8) samples)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="split every batch over N devices (N simulated CPU devices if fewer exist); the masks "
+                        "are the same on any count dividing 8. Default: one device")
     p.add_argument("--preview", action="store_true", help="also write <out>.png with the first samples and masks")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -55,31 +64,23 @@ def _check_out(path: str):
     return None
 
 
+@_common.user_errors
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    import numpy as np
-
-    from gansem.generators import GeneratorError
-    from gansem.segment import SegmentError, Segmenter
-
+    status = _common.setup_devices(args.devices)
+    if status:
+        return status
     err = _check_out(args.out)  # before any work: a run of many samples must not fail at the very end
     if err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        seg = Segmenter.from_run(args.run, k=args.k, threshold=args.threshold)
-        out = seg.sample(args.num_samples, args.seed, batch_size=args.batch_size, progress=not args.no_progress)
-    except (SegmentError, GeneratorError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _common.fail(err)
+    mesh = sharding.make_mesh(args.devices) if args.devices else None
+    seg = Segmenter.from_run(args.run, k=args.k, threshold=args.threshold, mesh=mesh)
+    out = seg.sample(args.num_samples, args.seed, batch_size=args.batch_size, progress=not args.no_progress)
     try:
         np.savez_compressed(args.out, k=np.int32(seg.k), **out)
     except OSError as e:
-        print(f"error: cannot write --out {args.out!r} ({e.strerror or e})", file=sys.stderr)
-        return 2
+        return _common.fail(f"cannot write --out {args.out!r} ({e.strerror or e})")
     if args.preview:
-        from gansem import viz
-
         n = min(8, args.num_samples)
         viz.cluster_map_figure(out["images"][:n], {f"K={seg.k}": out["labels"][:n]},
                                os.path.splitext(args.out)[0] + ".png")

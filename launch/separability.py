@@ -19,7 +19,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _common  # first: puts gansem on the import path
+
+from gansem.evaluation import separability_experiment, separability_markdown
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,54 +59,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-label", type=int, default=None,
                    help="reference label value to leave out ('faces' sets 255 itself)")
     p.add_argument("--batch-size", type=int, default=8, help="generator batch size")
-    p.add_argument("--devices", type=int, default=None, help="devices to shard the training pixels over")
+    p.add_argument("--devices", type=int, default=None,
+                   help="devices to shard the training pixels and the generator batches over (default: all "
+                        "devices for the pixels, one for the batches)")
     p.add_argument("--out", default=None, help="output folder (default: RUN/separability or ./separability)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--quiet", action="store_true", help="no log lines")
     return p
 
 
+@_common.user_errors
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from gansem import sharding
-
-    err = sharding.setup_devices_from_cli(args.devices)  # before JAX starts
-    if err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    from gansem.evaluation import EvaluationError, separability_experiment
-    from gansem.generators import GeneratorError
-
+    status = _common.setup_devices(args.devices)
+    if status:
+        return status
     out = args.out or (os.path.join(args.run, "separability") if args.run else "separability")
-    try:
-        res = separability_experiment(
-            args.labels, run_dir=args.run, generator=args.generator, num_train=args.num_train,
-            num_test=args.num_test, seed=args.seed, resolution=args.resolution, channel_budget=args.channel_budget,
-            truncation=args.truncation, lam=args.lam, svm_max_iter=args.svm_max_iter, lse_l2=args.lse_l2,
-            lse_max_iter=args.lse_max_iter, ignore_label=args.ignore_label, batch_size=args.batch_size,
-            devices=args.devices, progress=not args.no_progress, quiet=args.quiet)
-    except (EvaluationError, GeneratorError, FileNotFoundError, ImportError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = separability_experiment(
+        args.labels, run_dir=args.run, generator=args.generator, num_train=args.num_train,
+        num_test=args.num_test, seed=args.seed, resolution=args.resolution, channel_budget=args.channel_budget,
+        truncation=args.truncation, lam=args.lam, svm_max_iter=args.svm_max_iter, lse_l2=args.lse_l2,
+        lse_max_iter=args.lse_max_iter, ignore_label=args.ignore_label, batch_size=args.batch_size,
+        devices=args.devices, batch_devices=args.devices, progress=not args.no_progress, quiet=args.quiet)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "separability.json"), "w") as f:
         json.dump(res, f, indent=1)
-    s, l = res["svm"], res["lse"]
-    md = "\n".join([
-        "# Linear separability: SVM (Eq. 3) vs LSE (cross-entropy)", "",
-        f"Generator `{res['generator']}`; {res['num_train']} training samples at {res['train_resolution']}², "
-        f"{res['num_test']} test samples at {res['test_resolution']}²; {res['num_classes']} reference classes.",
-        f"Samples with reference labels: {res['num_train_labelled']} of {res['num_train']} training, "
-        f"{res['num_test_labelled']} of {res['num_test']} test (skipped: {res['num_train_skipped']} + "
-        f"{res['num_test_skipped']}, every pixel ignored, left out).", "",
-        "| | SVM | LSE | Δ = (SVM − LSE)/LSE |", "|---|---|---|---|",
-        f"| mIoU (pooled over test pixels) | {100 * s['miou']:.1f} | {100 * l['miou']:.1f} | {100 * res['delta']:+.1f}% |",
-        f"| mIoU (per image) | {100 * s['miou_image']:.1f} | {100 * l['miou_image']:.1f} | "
-        f"{100 * res['delta_image']:+.1f}% |",
-        f"| pixel accuracy | {100 * s['pixel_accuracy']:.1f} | {100 * l['pixel_accuracy']:.1f} | |",
-        f"| solver | {s['iters']} it, {'converged' if s['converged'] else 'NOT converged'} | "
-        f"{l['iters']} it, {'converged' if l['converged'] else 'NOT converged'} | |", "",
-    ])
+    md = separability_markdown(res)
     with open(os.path.join(out, "separability.md"), "w") as f:
         f.write(md)
     if not args.quiet:

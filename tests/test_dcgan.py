@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from gansem.generators import load_generator
+from gansem.zoo import load_generator
 from gansem.generators.base import GeneratorError, load_checkpoint, save_checkpoint
 
 REFS = os.path.join(os.path.dirname(__file__), "fixtures", "dcgan_digiface", "refs.npz")

@@ -14,6 +14,7 @@ import gansem.generators.synthetic as syn  # registers the "synthetic-bands" fam
 from gansem import evaluation as ev
 from gansem.features import to_uint8
 from gansem.generators import save_checkpoint
+from gansem.references import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRUE_LABELS = "gansem.generators.synthetic:true_labels"
@@ -56,7 +57,7 @@ def test_synthetic_classes_are_linearly_separable_but_not_centred():
 
 
 def test_synthetic_checkpoint_round_trip(tmp_path):
-    from gansem.generators import load_generator
+    from gansem.zoo import load_generator  # noqa: F811
 
     gen, params = _synthetic(16)
     save_checkpoint(str(tmp_path / "ck"), gen, params, name="synthetic-bands-16")
@@ -83,8 +84,8 @@ def _labels_file(path, n=3, size=8, **over):
 def test_labels_file_is_loaded_and_validated(tmp_path):
     p = str(tmp_path / "ok.npz")
     a = _labels_file(p)
-    src = ev.resolve_labels_source(p)
-    assert isinstance(src, ev.FileLabels) and src.num_samples == 3 and src.label_size == 8
+    src = sources.resolve_labels_source(p)
+    assert isinstance(src, sources.FileLabels) and src.num_samples == 3 and src.label_size == 8
     np.testing.assert_array_equal(src.labels, a["labels"])
     assert src.class_names == syn.CLASS_NAMES
     bad = {
@@ -100,29 +101,29 @@ def test_labels_file_is_loaded_and_validated(tmp_path):
         q = str(tmp_path / f"{name}.npz")
         _labels_file(q, **over)
         with pytest.raises(ev.EvaluationError, match=msgs[name]):
-            ev.FileLabels.load(q)
+            sources.FileLabels.load(q)
     with pytest.raises(ev.EvaluationError, match="does not exist"):
-        ev.resolve_labels_source(str(tmp_path / "nope.npz"))
+        sources.resolve_labels_source(str(tmp_path / "nope.npz"))
 
 
 def test_labels_callable_from_module_and_file(tmp_path):
-    src = ev.resolve_labels_source(TRUE_LABELS)
-    assert isinstance(src, ev.CallableLabels) and src.class_names == syn.CLASS_NAMES
+    src = sources.resolve_labels_source(TRUE_LABELS)
+    assert isinstance(src, sources.CallableLabels) and src.class_names == syn.CLASS_NAMES
     f = tmp_path / "seg.py"
     f.write_text("import numpy as np\ndef seg(images):\n    return (images[..., 0] > 127).astype(np.int64)\n"
                  "def bad(images):\n    return images[..., :2]\n")
-    src = ev.resolve_labels_source(f"{f}:seg")
+    src = sources.resolve_labels_source(f"{f}:seg")
     img = np.zeros((2, 4, 4, 3), np.uint8)
     img[:, :2, :, 0] = 200
     np.testing.assert_array_equal(src(img), (img[..., 0] > 127).astype(np.int32))
     with pytest.raises(ev.EvaluationError, match=r"must return int labels \[B, H, W\]"):
-        ev.resolve_labels_source(f"{f}:bad")(img)
+        sources.resolve_labels_source(f"{f}:bad")(img)
     with pytest.raises(ev.EvaluationError, match="no callable named"):
-        ev.resolve_labels_source(f"{f}:nothing")
+        sources.resolve_labels_source(f"{f}:nothing")
     with pytest.raises(ev.EvaluationError, match="cannot import"):
-        ev.resolve_labels_source("no_such_module_xyz:fn")
+        sources.resolve_labels_source("no_such_module_xyz:fn")
     with pytest.raises(ev.EvaluationError, match="neither an .npz"):
-        ev.resolve_labels_source("just-a-word")
+        sources.resolve_labels_source("just-a-word")
 
 
 def test_evaluation_stream_is_disjoint_from_the_clustering_samples():
@@ -140,7 +141,7 @@ def test_evaluation_stream_is_disjoint_from_the_clustering_samples():
 
 def test_nearest_label_resize_follows_align_corners_positions():
     lab = np.arange(16).reshape(1, 4, 4)
-    out = ev._nearest_resize_labels(lab, 2)
+    out = sources.nearest_resize_labels(lab, 2)
     np.testing.assert_array_equal(out, [[[0, 3], [12, 15]]])
 
 

@@ -76,3 +76,62 @@ def test_segment_scores_equal_classifier_on_concatenated_upsampled_features(rng)
     full = np.asarray(concat_features(feats, layers, 32))  # [2, 32, 32, 14]
     direct = full @ W.T + b
     np.testing.assert_allclose(np.asarray(segment_scores(feats, layers, W, b, 32)), direct, rtol=1e-4, atol=1e-4)
+
+
+# -- batching: one loop, data-parallel over a mesh, the same bits on any device count ---------------------------
+
+
+def _dcgan():
+    from gansem.zoo import load_generator
+
+    gen, params, _ = load_generator("dcgan-digiface")
+    return gen, params, select_feature_layers(gen.feature_layers())
+
+
+def test_map_batches_pads_the_last_batch_and_drops_padding():
+    import jax.numpy as jnp
+
+    from gansem import sharding
+    from gansem.batching import batch_rows, map_batches
+
+    x = np.arange(23, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+    for mesh in (None, sharding.make_mesh(4)):
+        seen, rows = [], batch_rows(5, mesh)
+        for start, stop, out in map_batches(lambda s, a, c: (a * s, c), [x, None], batch_size=5, mesh=mesh,
+                                            bcast_args=(jnp.float32(2.0),)):
+            assert out[0].shape == (stop - start, 3) and out[1] is None
+            seen.append(out[0])
+            assert stop - start == min(rows, 23 - start)
+        np.testing.assert_array_equal(np.concatenate(seen), 2 * x)
+    assert batch_rows(5) == 5 and batch_rows(16, sharding.make_mesh(8)) == 16
+    assert batch_rows(16, sharding.make_mesh(1)) == 16 and batch_rows(5, sharding.make_mesh(2)) == 8
+    with pytest.raises(ValueError, match="different numbers of rows"):
+        next(map_batches(lambda a, b: a, [x, x[:3]], batch_size=4))
+
+
+@pytest.mark.slow
+def test_features_and_masks_are_bitwise_equal_on_1_and_8_devices():
+    import jax
+
+    from gansem import sharding
+    from gansem.features import extract_features
+    from gansem.segment import Segmenter
+
+    gen, params, layers = _dcgan()
+    lat = np.asarray(gen.sample_latents(jax.random.key(3), 21), np.float32)  # 21: a padded last batch
+    out = {}
+    for n in (1, 2, 8):
+        mesh = sharding.make_mesh(n)
+        imgs, feats = extract_features(gen, params, lat, layers, 8, batch_size=16, mesh=mesh)
+        d = feats.shape[-1]
+        rng = np.random.default_rng(0)
+        seg = Segmenter(gen, params, layers, rng.standard_normal((5, d)).astype(np.float32),
+                        rng.standard_normal(5).astype(np.float32), 5, {}, mesh=mesh)
+        out[n] = imgs, feats, seg.segment_latents(lat, batch_size=16)["labels"]
+    for n in (2, 8):
+        for a, b in zip(out[1], out[n]):
+            assert np.array_equal(a, b), f"{n} devices differ from 1"
+    # without a mesh: one call per batch on one device (another program: equal up to rounding)
+    imgs, feats = extract_features(gen, params, lat, layers, 8, batch_size=16)
+    assert np.abs(imgs.astype(int) - out[1][0]).max() <= 1
+    np.testing.assert_allclose(feats, out[1][1], rtol=1e-4, atol=1e-4)

@@ -498,3 +498,22 @@ def test_max_f_beta_explicit_thresholds_and_validation(rng):
         gm.max_f_beta(ref.astype(int), ref)
     with pytest.raises(ValueError, match="increasing"):
         gm.max_f_beta(scores, ref, thresholds=[0.5, 0.2])
+
+
+def test_accumulator_grows_reference_classes_while_streaming():
+    rng = np.random.default_rng(0)
+    pred = rng.integers(0, 3, (4, 5, 5))
+    ref = rng.integers(0, 6, (4, 5, 5))
+    ref[:2] = np.minimum(ref[:2], 1)  # the first batch only holds classes 0, 1
+    ref[3, 0, 0] = 255
+    acc = gm.ContingencyAccumulator(3, 1, ignore_label=255, keep_per_image=True, grow_ref=True)
+    acc.update(pred[:2], ref[:2])
+    assert acc.num_ref == 2
+    acc.update(pred[2:], ref[2:])
+    m = int(ref[ref != 255].max()) + 1
+    assert acc.num_ref == m
+    np.testing.assert_array_equal(acc.per_image_tables, gm.contingency(pred, ref, 3, m, per_image=True,
+                                                                       ignore_label=255))
+    np.testing.assert_array_equal(acc.table, acc.per_image_tables.sum(0))
+    with pytest.raises(ValueError, match="outside"):
+        gm.ContingencyAccumulator(3, 2).update(pred, ref)  # without grow_ref the classes are fixed

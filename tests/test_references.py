@@ -14,8 +14,8 @@ pytest.importorskip("dlib", reason="needs the faces extra: pip install 'gansem[f
 from gansem import evaluation as ev  # noqa: E402
 from gansem import metrics  # noqa: E402
 from gansem.features import to_uint8  # noqa: E402
-from gansem.generators import load_generator  # noqa: E402
-from gansem.references import faces  # noqa: E402
+from gansem.references import faces, sources  # noqa: E402
+from gansem.zoo import load_generator  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BG, SKIN, BROWS, EYES, NOSE, LIPS, MOUTH = range(7)
@@ -110,15 +110,15 @@ def test_rasterize_parts_from_landmarks(samples):
 
 def test_labels_faces_resolves_to_the_builtin_labeller(samples):
     images, labels = samples
-    src = ev.resolve_labels_source("faces")
-    assert isinstance(src, ev.CallableLabels)
+    src = sources.resolve_labels_source("faces")
+    assert isinstance(src, sources.CallableLabels)
     assert src.ignore_label == faces.IGNORE and src.class_names == faces.CLASS_NAMES
     np.testing.assert_array_equal(src(images), labels)
-    assert ev.resolve_labels_source("faces", ignore_label=faces.IGNORE).ignore_label == faces.IGNORE
+    assert sources.resolve_labels_source("faces", ignore_label=faces.IGNORE).ignore_label == faces.IGNORE
     with pytest.raises(ev.EvaluationError, match="leave --ignore-label unset"):
-        ev.resolve_labels_source("faces", ignore_label=0)
+        sources.resolve_labels_source("faces", ignore_label=0)
     # the short callable name works as module:function too
-    src2 = ev.resolve_labels_source("gansem.references.faces:segment")
+    src2 = sources.resolve_labels_source("gansem.references.faces:segment")
     assert src2.class_names == faces.CLASS_NAMES
 
 
@@ -137,7 +137,7 @@ def test_skipped_samples_do_not_contribute_to_any_score(samples):
         a, b = (metrics.clustering_scores(t, average=average) for t in tables)
         assert (a.miou, a.ari, a.ami) == (b.miou, b.ari, b.ami)
         np.testing.assert_array_equal(a.assignment, b.assignment)
-    assert ev._num_skipped(with_skipped[1], faces.IGNORE) == 2
+    assert sources.num_skipped(with_skipped[1], faces.IGNORE) == 2
 
 
 @pytest.mark.slow

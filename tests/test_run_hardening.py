@@ -22,6 +22,7 @@ from gansem import metrics, sharding
 from gansem.checkpoint import CorruptCheckpointError, RunCheckpoints, load_trajectory
 from gansem.generators import GeneratorError
 from gansem.pipeline import ConfigError, KlishJobConfig, run_klish_job
+from gansem.references import sources
 from test_checkpoint import record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +88,7 @@ def _npz(path, **arrays):
 def test_evaluate_cli_zero_dim_latents(tmp_path):
     p = _npz(tmp_path / "lab.npz", latents=np.float32(0.5))
     with pytest.raises(ev.EvaluationError, match="latents must be a float array"):
-        ev.FileLabels.load(p)
+        sources.FileLabels.load(p)
     r = _cli(["launch/evaluate.py", "--run", str(tmp_path / "norun"), "--labels", p, "--k", "3",
               "--baselines", "none", "--quiet", "--no-progress"])
     _one_line_error(r, "lab.npz", "latents")
@@ -101,40 +102,40 @@ def test_huge_label_ids_are_refused_not_allocated(tmp_path):
     for big in (10**7, 2**31 - 1):
         lab[0, 0, 0] = big
         with pytest.raises(ev.EvaluationError, match=f"labels go up to {big}.*renumber"):
-            ev.FileLabels.load(_npz(tmp_path / "big.npz", labels=lab))
+            sources.FileLabels.load(_npz(tmp_path / "big.npz", labels=lab))
     lab[0, 0, 0] = 2**32 + 1  # would wrap to 1 as int32
     with pytest.raises(ev.EvaluationError, match=f"up to {2**32 + 1}"):
-        ev.FileLabels.load(_npz(tmp_path / "wrap.npz", labels=lab))
+        sources.FileLabels.load(_npz(tmp_path / "wrap.npz", labels=lab))
     lab[0, 0, 0] = -(2**32) + 3  # would wrap to 3
     with pytest.raises(ev.EvaluationError, match="negative labels"):
-        ev.FileLabels.load(_npz(tmp_path / "neg.npz", labels=lab))
+        sources.FileLabels.load(_npz(tmp_path / "neg.npz", labels=lab))
     # a documented bound, widened by class_names
-    lab[0, 0, 0] = ev.MAX_REF_CLASSES - 1
-    assert ev.FileLabels.load(_npz(tmp_path / "ok.npz", labels=lab)).labels.max() == ev.MAX_REF_CLASSES - 1
+    lab[0, 0, 0] = sources.MAX_REF_CLASSES - 1
+    assert sources.FileLabels.load(_npz(tmp_path / "ok.npz", labels=lab)).labels.max() == sources.MAX_REF_CLASSES - 1
     lab[0, 0, 0] = 1500
     names = np.array([f"c{i}" for i in range(1501)])
-    src = ev.FileLabels.load(_npz(tmp_path / "named.npz", labels=lab, class_names=names))
+    src = sources.FileLabels.load(_npz(tmp_path / "named.npz", labels=lab, class_names=names))
     assert src.labels.dtype == np.int32 and src.labels.max() == 1500
     # ignored pixels may hold any int32 value; the ignore value itself must be an int32
     lab[0, 0, 0] = 2**31 - 1
-    src = ev.FileLabels.load(_npz(tmp_path / "ign.npz", labels=lab), ignore_label=2**31 - 1)
+    src = sources.FileLabels.load(_npz(tmp_path / "ign.npz", labels=lab), ignore_label=2**31 - 1)
     assert src.labels[0, 0, 0] == 2**31 - 1
     with pytest.raises(ev.EvaluationError, match="--ignore-label .* int32"):
-        ev.resolve_labels_source(_npz(tmp_path / "ign2.npz"), ignore_label=2**40)
+        sources.resolve_labels_source(_npz(tmp_path / "ign2.npz"), ignore_label=2**40)
 
 
 def test_callable_labels_are_range_checked_before_casting():
     img = np.zeros((1, 2, 2, 3), np.uint8)
-    huge = ev.CallableLabels(lambda x: np.full(x.shape[:3], 2**32 + 1, np.int64), "huge")
+    huge = sources.CallableLabels(lambda x: np.full(x.shape[:3], 2**32 + 1, np.int64), "huge")
     with pytest.raises(ev.EvaluationError, match="labels callable huge: labels go up to 4294967297"):
         huge(img)
-    flt = ev.CallableLabels(lambda x: np.full(x.shape[:3], 1e10), "flt")
+    flt = sources.CallableLabels(lambda x: np.full(x.shape[:3], 1e10), "flt")
     with pytest.raises(ev.EvaluationError, match="returned dtype float64"):
         flt(img)
-    nan = ev.CallableLabels(lambda x: np.full(x.shape[:3], np.nan), "nan")
+    nan = sources.CallableLabels(lambda x: np.full(x.shape[:3], np.nan), "nan")
     with pytest.raises(ev.EvaluationError, match="returned dtype float64"):
         nan(img)
-    ok = ev.CallableLabels(lambda x: np.full(x.shape[:3], 3.0), "ok")
+    ok = sources.CallableLabels(lambda x: np.full(x.shape[:3], 3.0), "ok")
     assert ok(img).dtype == np.int32 and ok(img).max() == 3
 
 
@@ -143,7 +144,7 @@ def test_non_finite_latents_are_refused(tmp_path, bad):
     lat = np.zeros((2, 5), np.float64)
     lat[1, 2] = bad
     with pytest.raises(ev.EvaluationError, match="latents of 1 of 2 samples are NaN/Inf"):
-        ev.FileLabels.load(_npz(tmp_path / "lat.npz", latents=lat))
+        sources.FileLabels.load(_npz(tmp_path / "lat.npz", latents=lat))
 
 
 def test_contingency_tables_are_bounded():

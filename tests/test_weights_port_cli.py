@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from gansem.generators import load_generator
+from gansem.zoo import load_generator
 from gansem.generators.base import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

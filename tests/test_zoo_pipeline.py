@@ -52,8 +52,8 @@ def test_family_runs_through_klish_on_1_and_8_devices(family, tmp_path):
         assert s["complete"]
         trajs[n] = load_trajectory(d)
         assert os.path.isfile(os.path.join(d, "clusters.png"))
-    assert [(int(r["k"]), int(r["p"]), int(r["q"])) for r in trajs[1]] == \
-           [(int(r["k"]), int(r["p"]), int(r["q"])) for r in trajs[8]]
+    merges = [[(r.k, r.p, r.q) for r in trajs[n]] for n in (1, 8)]
+    assert merges[0] == merges[1]
 
 
 @pytest.mark.slow

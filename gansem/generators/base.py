@@ -32,6 +32,7 @@ import numbers
 import os
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
+import jax
 import numpy as np
 
 __all__ = [
@@ -187,14 +188,10 @@ class Generator:
     # -- sampling ---------------------------------------------------------------
     def sample_latents(self, key, n: int):
         """Latents ``[n, *latent_shape]`` float32 (standard normal unless the family says otherwise)."""
-        import jax
-
         return jax.random.normal(key, (n,) + tuple(self.latent_shape), dtype=np.float32)
 
     def sample_class_labels(self, key, n: int):
         """Class labels ``[n]`` int32 uniformly over the classes, or ``None`` if unconditional."""
-        import jax
-
         if self.num_classes == 0:
             return None
         return jax.random.randint(key, (n,), 0, self.num_classes, dtype=np.int32)
@@ -247,6 +244,46 @@ class Generator:
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
+
+    #: Fields that hold the generation settings of :meth:`with_settings`, first match wins.
+    TRUNCATION_FIELDS: ClassVar[tuple[str, ...]] = ("truncation_psi", "truncation")
+    NOISE_MODE_FIELDS: ClassVar[tuple[str, ...]] = ("noise_mode",)
+
+    def with_settings(self, *, truncation: Optional[float] = None, noise_mode: Optional[str] = None):
+        """This generator with generation settings changed (``None`` keeps the current value).
+
+        Args:
+            truncation: truncation ψ (``w = w_avg + ψ (w - w_avg)`` for StyleGANs, the
+                latent truncation of BigGAN); only families with a truncation field accept it.
+            noise_mode: ``"const"``, ``"random"`` or ``"none"`` for families with per-pixel noise.
+
+        Returns:
+            A new generator (generators are frozen: the original is unchanged).
+
+        Raises:
+            GeneratorError: the family has no such setting (``--truncation`` on a DCGAN, say).
+        """
+        changes = {}
+        for value, fields, what in ((truncation, self.TRUNCATION_FIELDS, "truncation"),
+                                    (noise_mode, self.NOISE_MODE_FIELDS, "noise mode")):
+            if value is None:
+                continue
+            own = {f.name for f in dataclasses.fields(self)}
+            field = next((f for f in fields if f in own), None)
+            if field is None:
+                raise GeneratorError(f"--{what.replace(' ', '-')} is not supported by the {self.family} generator")
+            changes[field] = float(value) if what == "truncation" else str(value)
+        return self.replace(**changes) if changes else self
+
+    def settings(self) -> dict:
+        """The generation settings of :meth:`with_settings` this generator has: ``{"truncation": ψ, ...}``."""
+        own = {f.name for f in dataclasses.fields(self)}
+        out = {}
+        for name, fields in (("truncation", self.TRUNCATION_FIELDS), ("noise_mode", self.NOISE_MODE_FIELDS)):
+            field = next((f for f in fields if f in own), None)
+            if field is not None:
+                out[name] = getattr(self, field)
+        return out
 
     def _capture_names(self, capture) -> frozenset:
         if capture is True:
@@ -392,8 +429,6 @@ def check_params(gen: Generator, params, where: str = "params") -> None:
 
 def _check_shapes(gen: Generator, got_flat: Mapping[str, tuple], where: str) -> None:
     """Compare flat ``{"params/a/b": shape}`` with the tree the generator's config implies."""
-    import jax
-
     expected = jax.eval_shape(gen.init_params, jax.random.key(0))
     exp_flat = {k: tuple(v.shape) for k, v in flatten_params(expected, as_numpy=False).items()}
     missing = sorted(set(exp_flat) - set(got_flat))

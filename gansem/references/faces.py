@@ -58,8 +58,7 @@ how many were labelled and skipped. There is no fixed-box fallback: started from
 fixed box, the shape predictor returns a face-shaped set of points even on a blank
 image, so such a fit cannot be told apart from a real one. On 200 fresh samples of
 the bundled 64×64 DigiFace DCGAN, 164 (82 %) are labelled (169 of another 200); the
-skipped ones are mostly strongly turned, very dark or heavily occluded faces. Labelling
-takes about 20 ms per image on one CPU core.
+skipped ones are mostly strongly turned, very dark or heavily occluded faces.
 
 Limits: no hair, neck, ear, hat or glasses classes (hair or a hat brim inside the
 estimated forehead is labelled skin; glasses take the class of the part under them);
@@ -79,6 +78,7 @@ import os
 from typing import NamedTuple
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 __all__ = [
     "CLASS_NAMES",
@@ -132,7 +132,7 @@ def load_models():
             the message says what to install.
     """
     try:
-        import dlib
+        import dlib  # optional dependency (the faces extra): imported only when the labeller is used
     except ImportError as e:
         raise ImportError(f"face-part labels need dlib: {INSTALL_HINT} ({e})") from e
     # face_recognition_models' __init__ imports pkg_resources (absent from modern setuptools):
@@ -169,8 +169,6 @@ def detect_landmarks(images, *, detect_size: int = 256, threshold: float = -0.5,
     Returns:
         :class:`FaceLandmarks` with landmarks in input-pixel coordinates.
     """
-    from PIL import Image
-
     images = _check_images(images)
     detector, predictor = load_models()
     b, h, w = images.shape[:3]
@@ -259,8 +257,6 @@ def rasterize_parts(points: np.ndarray, height: int, width: int, *, forehead: fl
     Returns:
         ``[B, height, width]`` int32 labels in ``[0, 7)`` or :data:`IGNORE`.
     """
-    from PIL import Image, ImageDraw
-
     points = np.asarray(points, np.float64)
     s = int(supersample)
     out = np.full((points.shape[0], height, width), IGNORE, np.int32)

@@ -1,0 +1,51 @@
+"""What every launch script does first: find gansem, set up devices, report user errors in one line.
+
+Import it before gansem (``import _common``; the script's folder is on the import
+path): it puts the repository root on ``sys.path``. Importing gansem starts no JAX
+backend, so :func:`setup_devices` still takes effect when called after the imports,
+as long as it runs before the first computation.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Callable, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from gansem import sharding  # noqa: E402
+
+__all__ = ["ROOT", "USER_ERRORS", "fail", "setup_devices", "user_errors"]
+
+#: Exceptions that mean "the request cannot be done as asked": printed as one line, exit status 2.
+#: gansem's own errors (GeneratorError, RunError, EvaluationError, ConfigError, CheckpointError) are ValueErrors.
+USER_ERRORS = (ValueError, FileNotFoundError, ImportError, sharding.DeviceError)
+
+
+def fail(message) -> int:
+    """Print ``error: message`` on stderr; returns the exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def setup_devices(devices: Optional[int]) -> Optional[int]:
+    """Simulate ``devices`` CPU devices if asked, before JAX starts; an exit status if that is impossible."""
+    err = sharding.setup_devices_from_cli(devices)
+    return fail(err) if err else None
+
+
+def user_errors(fn: Callable[..., int]) -> Callable[..., int]:
+    """Decorate ``main``: a :data:`USER_ERRORS` exception becomes one ``error:`` line and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs) -> int:
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            return fail(e)
+
+    return wrapped
