@@ -75,6 +75,7 @@ def main(argv=None):
 
     import jax
 
+    from gansem import sharding
     from gansem.cluster import klish, svm
 
     x, data = common.load_data(args)
@@ -84,7 +85,7 @@ def main(argv=None):
 
     with common.PeakRSS() as mem_init:
         t = time.perf_counter()
-        precond = svm.svm_preconditioner(xs, valid, mesh=mesh, layout=layout)
+        precond = svm.svm_preconditioner(sharding.RowData(xs, valid, layout, mesh))
         state0, info = klish.klish_init(jax.random.key(args.seed), xs, valid, args.k0,
                                         filter_clusters=not args.no_filter, precond=precond, **kw)
         common.block(state0.W)

@@ -567,8 +567,8 @@ def fit_baselines(baselines: Sequence[str], ks: Sequence[int], x_host: np.ndarra
     for m, k in jobs:
         t = time.time()
         metric = "euclidean" if m == "kmeans" else "cosine"
-        clf, res = bl.fit_kmeans(jax.random.fold_in(key, k * 2 + (m != "kmeans")), x, valid, k, mesh=mesh,
-                                 layout=layout, metric=metric, max_iter=kmeans_iters)
+        clf, res = bl.fit_kmeans(jax.random.fold_in(key, k * 2 + (m != "kmeans")),
+                                 sharding.RowData(x, valid, layout, mesh), k, metric=metric, max_iter=kmeans_iters)
         out[(m, k)] = clf
         info.setdefault(m, {})[str(k)] = {"iters": int(res.n_iter), "converged": bool(res.converged),
                                           "inertia": float(res.inertia), "time_s": time.time() - t}
@@ -577,7 +577,7 @@ def fit_baselines(baselines: Sequence[str], ks: Sequence[int], x_host: np.ndarra
         t = time.time()
         if max(ks) > k0:
             raise EvaluationError(f"KASP groups K0={k0} centroids; K={max(ks)} is larger: raise --kasp-k0")
-        clf, res = bl.fit_kmeans(jax.random.fold_in(key, 1), x, valid, k0, mesh=mesh, layout=layout,
+        clf, res = bl.fit_kmeans(jax.random.fold_in(key, 1), sharding.RowData(x, valid, layout, mesh), k0,
                                  max_iter=kmeans_iters)
         for k, c in bl.fit_kasp(np.asarray(res.centroids), ks, seed=seed).items():
             out[("kasp", k)] = c
@@ -960,13 +960,13 @@ def separability_experiment(labels, *, run_dir: Optional[str] = None, generator:
 
     t = time.time()
     _log(f"SVM (Eq. 3, λ1={lam}) on {int(keep.sum())} pixels × {dim} features, {m_ref} classes", quiet)
-    svm_res = train_ovr_svm(x, valid, ys, np.zeros((m_ref, dim), np.float32), np.zeros(m_ref, np.float32),
-                            mesh=mesh, layout=layout, lam=lam, tol=svm_tol, max_iter=svm_max_iter)
+    svm_res = train_ovr_svm(sharding.RowData(x, valid, layout, mesh), ys, np.zeros((m_ref, dim), np.float32),
+                            np.zeros(m_ref, np.float32), lam=lam, tol=svm_tol, max_iter=svm_max_iter)
     timings["svm_s"] = time.time() - t
     t = time.time()
     _log("LSE (softmax regression, L-BFGS)", quiet)
-    lse_res = bl.train_softmax_regression(x, valid, ys, m_ref, mesh=mesh, layout=layout, l2=lse_l2, tol=lse_tol,
-                                          max_iter=lse_max_iter)
+    lse_res = bl.train_softmax_regression(sharding.RowData(x, valid, layout, mesh), ys, m_ref, l2=lse_l2,
+                                          tol=lse_tol, max_iter=lse_max_iter)
     timings["lse_s"] = time.time() - t
     del x, valid, ys
 

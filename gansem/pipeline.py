@@ -305,7 +305,7 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
             rec = rec._replace(W=W, b=b)
         ck.save_step(step, rec, st)
     try:
-        precond = svm.svm_preconditioner(x, K.training_rows(valid, holdout), mesh=mesh, layout=layout)
+        precond = svm.svm_preconditioner(sharding.RowData(x, K.training_rows(valid, holdout), layout, mesh))
         merge_cache = K.MergeCache()
         # -- initial state ----------------------------------------------------------------
         t = time.time()

@@ -33,7 +33,7 @@ def test_klish_beats_kmeans_on_toy(seed):
     mesh = sharding.make_mesh(1)
     layout = sharding.plan_rows(len(x), 1, max_chunk_rows=512)
     xs, valid = sharding.shard_rows(x, mesh, multiple=layout.padded_rows)
-    km3 = kmeans.kmeans(jax.random.key(seed), xs, valid, 3, mesh=mesh, layout=layout, max_iter=100)
+    km3 = kmeans.kmeans(jax.random.key(seed), sharding.RowData(xs, valid, layout, mesh), 3, max_iter=100)
     ari_km = metrics.adjusted_rand_score(y, np.asarray(km3.labels)[: len(x)])
     ari_sk = metrics.adjusted_rand_score(y, sk_cluster.KMeans(3, n_init=10, random_state=seed).fit(x).labels_)
     recs = klish.run_klish(jax.random.key(seed), xs, valid, 16, mesh=mesh, layout=layout)

@@ -456,7 +456,7 @@ def filter_initial_clusters(iou, centroids, x, valid, *, mesh, layout, kmeans_it
         ``(KMeansResult, keep [K] bool, logits [K], threshold)``.
     """
     keep, logits, thr = separability_filter(iou)
-    res = km.lloyd(x, valid, jnp.asarray(centroids)[np.flatnonzero(keep)], mesh=mesh, layout=layout,
+    res = km.lloyd(sharding.RowData(x, valid, layout, mesh), jnp.asarray(centroids)[np.flatnonzero(keep)],
                    max_iter=kmeans_iters, tol=kmeans_tol)
     return res, keep, logits, thr
 
@@ -513,7 +513,7 @@ def klish_init(key, x, valid, k0, *, mesh, layout, filter_clusters=True, kmeans_
         ``filter_keep``, ``filter_svm_iters``, ``filter_svm_converged``,
         ``filter_svm_stop_reason``.
     """
-    res = km.kmeans(key, x, valid, k0, mesh=mesh, layout=layout, max_iter=kmeans_iters,
+    res = km.kmeans(key, sharding.RowData(x, valid, layout, mesh), k0, max_iter=kmeans_iters,
                     tol=kmeans_tol)
     info = {"k0": int(k0), "kmeans_inertia": float(res.inertia), "kmeans_iters": int(res.n_iter),
             "kmeans_converged": bool(res.converged)}
@@ -521,8 +521,8 @@ def klish_init(key, x, valid, k0, *, mesh, layout, filter_clusters=True, kmeans_
     if filter_clusters:
         train = training_rows(valid, holdout)
         if precond is None:
-            precond = svm.svm_preconditioner(x, train, mesh=mesh, layout=layout)
-        fit = svm.train_ovr_svm(x, train, res.labels, W, b, mesh=mesh, layout=layout, lam=lam,
+            precond = svm.svm_preconditioner(sharding.RowData(x, train, layout, mesh))
+        fit = svm.train_ovr_svm(sharding.RowData(x, train, layout, mesh), res.labels, W, b, lam=lam,
                                 tol=tol, max_iter=max_iter, precond=precond,
                                 compute_objective=False, solver=solver)
         iou = cluster_iou(fit.W, fit.b, x, valid if holdout is None else holdout, res.labels,
@@ -593,8 +593,8 @@ def klish_step(state: KlishState, x, valid, *, mesh, layout, lam=5000.0, tol=1e-
     else:
         raise ValueError(f"retrain must be 'merged' or 'all', got {retrain!r}")
     scores = None if cache is None or retrain == "all" else cache._get(state, x)
-    fit = svm.train_ovr_svm(x, training_rows(valid, holdout), state.labels, state.W, state.b, mesh=mesh,
-                            layout=layout, lam=lam, tol=tol, max_iter=max_iter, classes=classes,
+    fit = svm.train_ovr_svm(sharding.RowData(x, training_rows(valid, holdout), layout, mesh), state.labels,
+                            state.W, state.b, lam=lam, tol=tol, max_iter=max_iter, classes=classes,
                             precond=precond, compute_objective=False, solver=solver)
     counted = valid if holdout is None else holdout
     if scores is None:
@@ -675,7 +675,7 @@ def run_klish(key, x, valid, k0, *, mesh, layout, on_step: Optional[Callable] = 
     Returns:
         ``list[MergeRecord]`` of the steps run by this call.
     """
-    precond = svm.svm_preconditioner(x, training_rows(valid, holdout), mesh=mesh, layout=layout)
+    precond = svm.svm_preconditioner(sharding.RowData(x, training_rows(valid, holdout), layout, mesh))
     if state is None:
         state, _ = klish_init(key, x, valid, k0, mesh=mesh, layout=layout,
                               filter_clusters=filter_clusters, kmeans_iters=kmeans_iters,
