@@ -1,5 +1,7 @@
 """Baselines of the KLiSH paper (K-means, AHC, KASP) as pixel classifiers, checked against scikit-learn."""
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -136,8 +138,6 @@ def test_softmax_regression_agrees_with_sklearn_logistic_regression(rng):
 
 
 def test_missing_sklearn_gives_install_hint(monkeypatch):
-    import sys
-
     monkeypatch.setitem(sys.modules, "sklearn", None)
     with pytest.raises(ImportError, match=r"pip install -e \.\[eval\]"):
         bl.require_sklearn()

@@ -7,6 +7,7 @@ _flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.ge
 os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -122,8 +123,6 @@ def test_one_and_eight_devices_bitwise_equal(rng):
 
 def test_row_products_equal_the_per_chunk_product_on_every_device_count(rng):
     """The k-means++ candidate products (no chunk copies) keep row_map's bits and its device invariance."""
-    import jax.numpy as jnp
-
     x = rng.standard_normal((3000, 300)).astype(np.float32)
     w = jnp.asarray(rng.standard_normal((6, 300)).astype(np.float32))
     first = None
@@ -142,8 +141,6 @@ def test_product_map_reduce_keeps_the_per_chunk_bits_on_every_device_count(rng):
     """Lloyd's in-place pass: each chunk's products equal ``w @ chunk.T`` taken chunk by chunk (seen
     through the exact column min and first argmin Lloyd takes of them), the row view reads the
     chunk's own rows, and everything is the same on 1, 2 and 8 devices."""
-    import jax.numpy as jnp
-
     x = rng.standard_normal((3000, 300)).astype(np.float32)
     w_np = rng.standard_normal((37, 300)).astype(np.float32)
     w = jnp.asarray(w_np)
@@ -178,8 +175,6 @@ def test_product_map_reduce_keeps_the_per_chunk_bits_on_every_device_count(rng):
 
 def test_dsquared_sampling_matches_probabilities(rng):
     """Inverse-CDF sampling picks row i with probability mass_i / sum(mass), never a zero-mass row."""
-    import jax.numpy as jnp
-
     n = 200
     mass = rng.uniform(0.0, 1.0, n).astype(np.float32)
     mass[::7] = 0.0

@@ -33,10 +33,10 @@ with ``y_ik = +1`` if row i is labelled k, else -1. Two entry points solve it:
   the only problem that changed.
 
 Stopping rule (every solver): the paper's "L-inf change of W below ``tol`` =
-1e-4" between two iterations, guarded against weak cases (tiny first steps; see
-the pitfalls in ``benchmarks/README.md``): the gradient norm must also be below
-``grad_rtol * ||grad f_k(0, 0)||``; for L-BFGS the change only counts from the
-second iteration of a cycle. Other stop reasons are a failed line search
+1e-4" between two iterations, guarded because with L-BFGS a tiny (line-search
+shortened) step meets it far from the optimum: the gradient norm must also be
+below ``grad_rtol * ||grad f_k(0, 0)||``, and for L-BFGS the change only counts
+from the second iteration of a cycle. Other stop reasons are a failed line search
 (converged only if the gradient test holds) and ``max_iter`` (never converged).
 Per-class iterations, flags, gradient norms and reasons are returned.
 
