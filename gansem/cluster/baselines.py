@@ -161,7 +161,7 @@ def kmeans_classifier(centroids, metric: str = "euclidean", groups=None, num_clu
 
 def fit_kmeans(key, data: sharding.RowData, k: int, *, metric: str = "euclidean", max_iter: int = 20,
                tol: float = 1e-4):
-    """K-means++ and Lloyd (:func:`gansem.cluster.kmeans.kmeans`) → ``(ClusterClassifier, KMeansResult)``.
+    """K-means++ and Lloyd (:func:`gansem.cluster.kmeans.kmeans`) → ``(ClusterClassifier, KMeansResult)``. Host-level.
 
     Args:
         key: PRNG key.

@@ -138,7 +138,7 @@ _eq3.defvjp(_eq3_fwd, _eq3_bwd)
 
 
 def objective_from_hinge(hinge, W, lam, n_valid):
-    """Eq. 3 from the per-class hinge sums ``[K]`` of :func:`per_class_hinge`.
+    """Eq. 3 from the per-class hinge sums ``[K]`` of :func:`per_class_hinge`. Jittable.
 
     NumPy inputs are summed on the host in float32 (no device program per K); anything
     else (jax arrays, tracers) with ``jax.numpy``.
