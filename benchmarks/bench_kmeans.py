@@ -87,13 +87,12 @@ def run_gansem(x, args, seed, repeats, trials=None):
 
     with common.PeakRSS() as mem:
         t0 = time.perf_counter()
-        xs, valid, mesh, layout = common.place(x, args.devices)
+        rows = common.place_data(x, args.devices)
+        layout = rows.layout
         place_s = time.perf_counter() - t0
         key = jax.random.key(seed)
-        init, t_init = timed(lambda: km.kmeans_plusplus_init(key, xs, valid, args.k, mesh=mesh, layout=layout,
-                                                             n_trials=trials), repeats, True)
-        res, t_lloyd = timed(lambda: km.lloyd(xs, valid, init, mesh=mesh, layout=layout, max_iter=args.iters,
-                                              tol=0.0), repeats, True)
+        init, t_init = timed(lambda: km.kmeans_plusplus_init(key, rows, args.k, n_trials=trials), repeats, True)
+        res, t_lloyd = timed(lambda: km.lloyd(rows, init, max_iter=args.iters, tol=0.0), repeats, True)
     n_iter = int(res.n_iter)
     out = {
         "init_s": t_init["wall_s"], "init_cpu_s": t_init["cpu_s"], "init_compile_s": t_init["compile_s"],

@@ -58,14 +58,14 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
 
-    from gansem.cluster import klish, svm
+    from gansem.cluster import klish, svm, svm_reduced
     from gansem.cluster import kmeans as km
 
     x, data = common.load_data(args)
     print(f"data {data}")
     n, d = x.shape
     k = args.k
-    xs, valid, mesh, layout = common.place(x, args.devices)
+    rows = common.place_data(x, args.devices)
     rng = np.random.default_rng(args.seed)
     c0 = jnp.asarray(x[rng.choice(n, k, replace=False)])
     xj = jnp.asarray(x)
@@ -73,11 +73,10 @@ def main(argv=None):
 
     # -- Lloyd -------------------------------------------------------------------------
     m = max(1, args.lloyd_iters)
-    t1, c1 = best_time(lambda: km.lloyd(xs, valid, c0, mesh=mesh, layout=layout, max_iter=1, tol=0.0), args.repeats)
-    res = km.lloyd(xs, valid, c0, mesh=mesh, layout=layout, max_iter=1 + m, tol=0.0)
+    t1, c1 = best_time(lambda: km.lloyd(rows, c0, max_iter=1, tol=0.0), args.repeats)
+    res = km.lloyd(rows, c0, max_iter=1 + m, tol=0.0)
     extra = int(res.n_iter) - 1
-    tm, cm = best_time(lambda: km.lloyd(xs, valid, c0, mesh=mesh, layout=layout, max_iter=1 + m, tol=0.0),
-                       args.repeats)
+    tm, cm = best_time(lambda: km.lloyd(rows, c0, max_iter=1 + m, tol=0.0), args.repeats)
     if extra > 0 and tm > t1:
         t_iter = (tm - t1) / extra
     else:  # too small or too noisy to difference: whole run per pass (overheads included)
@@ -88,11 +87,11 @@ def main(argv=None):
                         "extra_iters": extra}
 
     # -- SVM objective and gradient ----------------------------------------------------
-    labels = km.assign(xs, c0, mesh=mesh, layout=layout)[0]
+    labels = km.assign(rows, c0)[0]
     W = jnp.asarray(rng.standard_normal((k, d)).astype(np.float32) * 0.01)
     b = jnp.zeros((k,), jnp.float32)
     vg = jax.jit(jax.value_and_grad(
-        lambda W_, b_: svm.ovr_svm_objective(W_, b_, xs, valid, labels, lam=5000.0, mesh=mesh, layout=layout),
+        lambda W_, b_: svm.ovr_svm_objective(W_, b_, rows, labels, lam=5000.0),
         argnums=(0, 1)))
     t_vg, c_vg = best_time(lambda: vg(W, b), args.repeats)
 
@@ -106,7 +105,7 @@ def main(argv=None):
     results["svm_grad"] = {"flops": 4.0 * n * d * k, "gansem_s": t_vg, "peak_s": t_pvg, "compile_s": c_vg}
 
     # -- scores, IoU counts, ECoS --------------------------------------------------------
-    t_st, c_st = best_time(lambda: klish.merge_statistics(W, b, xs, valid, labels, mesh=mesh, layout=layout),
+    t_st, c_st = best_time(lambda: klish.merge_statistics(W, b, rows, labels),
                            args.repeats)
 
     @jax.jit
@@ -125,8 +124,8 @@ def main(argv=None):
     Xw = jnp.asarray(x[:cap])
     act = jnp.asarray(rng.random(cap) < 0.5)
     n_act = int(np.asarray(act).sum())
-    H0, A0 = svm._hess_start(Xw)
-    hb = jax.jit(svm._hess_update)
+    H0, A0 = svm_reduced._hess_start(Xw)
+    hb = jax.jit(svm_reduced._hess_update)
     t_h, c_h = best_time(lambda: hb(H0, A0, Xw, act, jnp.float32(0.05)), args.repeats)
     Xact = jnp.asarray(x[:cap][np.asarray(act)])
     plain_gram = jax.jit(lambda a: a.T @ a)

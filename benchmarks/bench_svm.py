@@ -71,7 +71,7 @@ def available_solvers():
     return tuple(s for s in getattr(svm, "SOLVERS", ("lbfgs",)) if s != "joint")
 
 
-def run_gansem(xs, valid, labels_dev, mesh, layout, k, dim, solver, args):
+def run_gansem(rows, labels_dev, k, dim, solver, args):
     import jax.numpy as jnp
 
     from gansem.cluster import svm
@@ -82,10 +82,10 @@ def run_gansem(xs, valid, labels_dev, mesh, layout, k, dim, solver, args):
 
     def solve():
         t = time.perf_counter()
-        pre = common.block(svm.svm_preconditioner(xs, valid, mesh=mesh, layout=layout))
+        pre = common.block(svm.svm_preconditioner(rows))
         t_pre = time.perf_counter() - t
-        res = svm.train_ovr_svm(xs, valid, labels_dev, W0, b0, mesh=mesh, layout=layout, lam=args.lam,
-                                tol=args.tol, max_iter=args.max_iter, precond=pre, compute_objective=False, **kw)
+        res = svm.train_ovr_svm(rows, labels_dev, W0, b0, lam=args.lam, tol=args.tol, max_iter=args.max_iter,
+                                precond=pre, compute_objective=False, **kw)
         common.block(res.W)
         return res, t_pre
 
@@ -167,9 +167,9 @@ def main(argv=None):
     print(f"data {data}")
     n, dim = x.shape
     k = args.k
-    xs, valid, mesh, layout = common.place(x, args.devices)
+    rows = common.place_data(x, args.devices)
     t = time.perf_counter()
-    km_res = km.kmeans(jax.random.key(args.seed), xs, valid, k, mesh=mesh, layout=layout, max_iter=20, tol=0.0)
+    km_res = km.kmeans(jax.random.key(args.seed), rows, k, max_iter=20, tol=0.0)
     labels_dev = km_res.labels
     labels = np.asarray(labels_dev)[:n].astype(np.int64)
     print(f"labels: gansem k-means K={k} in {time.perf_counter() - t:.1f} s; sizes "
@@ -179,7 +179,7 @@ def main(argv=None):
     results, fk = {}, {}
     preds = {}
     for s in solvers:
-        res, info = run_gansem(xs, valid, labels_dev, mesh, layout, k, dim, s, args)
+        res, info = run_gansem(rows, labels_dev, k, dim, s, args)
         f = class_objectives64(x, labels, np.asarray(res.W), np.asarray(res.b), args.lam)
         info["objective"] = float(f.mean())
         results[f"gansem-{s}"] = info

@@ -79,13 +79,13 @@ def main(argv=None):
 
     x, data = common.load_data(args)
     print(f"data {data}")
-    xs, valid, mesh, layout = common.place(x, args.devices)
-    kw = dict(mesh=mesh, layout=layout, lam=args.lam, tol=args.tol, max_iter=args.max_iter)
+    rows = common.place_data(x, args.devices)
+    kw = dict(lam=args.lam, tol=args.tol, max_iter=args.max_iter)
 
     with common.PeakRSS() as mem_init:
         t = time.perf_counter()
-        precond = svm.svm_preconditioner(xs, valid, mesh=mesh, layout=layout)
-        state0, info = klish.klish_init(jax.random.key(args.seed), xs, valid, args.k0,
+        precond = svm.svm_preconditioner(rows)
+        state0, info = klish.klish_init(jax.random.key(args.seed), rows, args.k0,
                                         filter_clusters=not args.no_filter, precond=precond, **kw)
         common.block(state0.W)
         init_s = time.perf_counter() - t
@@ -110,7 +110,7 @@ def main(argv=None):
             g_records.clear()
             t0 = time.perf_counter()
             t_last[0] = t0
-            klish.run_klish(jax.random.key(args.seed), xs, valid, args.k0, state=state0, on_step=on_step,
+            klish.run_klish(jax.random.key(args.seed), rows, args.k0, state=state0, on_step=on_step,
                             filter_clusters=not args.no_filter, **kw)
             g_total = time.perf_counter() - t0
             g_cold = g_total if g_cold is None else g_cold
@@ -124,7 +124,7 @@ def main(argv=None):
     with common.PeakRSS() as mem_f:
         for i in range(limit):
             t = time.perf_counter()
-            state, rec = klish.klish_step(state, xs, valid, **step_kw)
+            state, rec = klish.klish_step(state, rows, **step_kw)
             common.block(state.W)
             f_times.append(time.perf_counter() - t)
             f_records.append(rec)
@@ -222,7 +222,7 @@ def main(argv=None):
         jax.clear_caches()
         gc.collect()
         t = time.perf_counter()
-        klish.run_klish(jax.random.key(args.seed), xs, valid, args.k0, state=state0,
+        klish.run_klish(jax.random.key(args.seed), rows, args.k0, state=state0,
                         on_step=lambda r, s: e_records.append(r), filter_clusters=not args.no_filter,
                         **dict(kw, tol=args.exact_tol, solver="newton"))
         print(f"reference (Newton, tol {args.exact_tol:g}): {len(e_records)} steps in "

@@ -54,7 +54,6 @@ __all__ = [
     "gaussian_mixture",
     "dcgan_features",
     "load_data",
-    "place",
     "place_data",
     "time_call",
     "block",
@@ -184,15 +183,6 @@ def load_data(args) -> tuple[np.ndarray, dict]:
         desc = {"name": args.data, "source": "Gaussian mixture, 100 components"}
     desc.update(n=int(x.shape[0]), d=int(x.shape[1]), build_s=round(time.perf_counter() - t, 3))
     return x, desc
-
-
-def place(x: np.ndarray, n_devices: int = 1, max_chunk_rows: Optional[int] = None):
-    """Row-shard ``x`` the way the pipeline does; returns ``(xs, valid, mesh, layout)``."""
-    mesh = sharding.make_mesh(n_devices)
-    kw = {} if max_chunk_rows is None else {"max_chunk_rows": max_chunk_rows}
-    layout = sharding.plan_rows(x.shape[0], mesh.devices.size, **kw)
-    xs, valid = sharding.shard_rows(x, mesh, multiple=layout.padded_rows)
-    return xs, valid, mesh, layout
 
 
 # -- timing ---------------------------------------------------------------------------

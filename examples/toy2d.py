@@ -21,9 +21,8 @@ from gansem.toy import make_toy2d
 def _fit_truth_svm(x, y, mesh, layout):
     from gansem.cluster import svm
 
-    xs, valid = sharding.shard_rows(x, mesh, multiple=layout.padded_rows)
-    ls, _ = sharding.shard_rows(y.astype(np.int32), mesh, multiple=layout.padded_rows)
-    res = svm.train_ovr_svm(xs, valid, ls, np.zeros((3, 2)), np.zeros(3), mesh=mesh, layout=layout)
+    data = sharding.place_rows(x, mesh, layout)
+    res = svm.train_ovr_svm(data, data.place(y.astype(np.int32)), np.zeros((3, 2)), np.zeros(3))
     return np.asarray(res.W), np.asarray(res.b)
 
 
@@ -44,12 +43,12 @@ def main(argv=None):
     x, y = make_toy2d(args.seed, n=args.n)
     mesh = sharding.make_mesh(1)
     layout = sharding.plan_rows(len(x), 1, max_chunk_rows=512)
-    xs, valid = sharding.shard_rows(x, mesh, multiple=layout.padded_rows)
+    data = sharding.place_rows(x, mesh, layout)
 
-    km3 = kmeans.kmeans(jax.random.key(args.seed), xs, valid, 3, mesh=mesh, layout=layout, max_iter=100)
+    km3 = kmeans.kmeans(jax.random.key(args.seed), data, 3, max_iter=100)
     cents = np.asarray(km3.centroids)
     W_km, b_km = (np.asarray(a) for a in klish.linear_init(cents))
-    recs = klish.run_klish(jax.random.key(args.seed), xs, valid, args.k0, mesh=mesh, layout=layout)
+    recs = klish.run_klish(jax.random.key(args.seed), data, args.k0)
     rec3 = next(r for r in recs if r.k == 3)
     W_t, b_t = _fit_truth_svm(x, y, mesh, layout)
 

@@ -39,8 +39,6 @@ __all__ = [
     "make_mesh",
     "row_sharding",
     "replicated",
-    "pad_rows",
-    "shard_rows",
     "padded_length",
     "DeviceError",
     "RowLayout",
@@ -201,42 +199,6 @@ def replicated(mesh):
 def padded_length(n: int, multiple: int) -> int:
     """Smallest length >= n divisible by ``multiple``."""
     return -(-n // multiple) * multiple
-
-
-def pad_rows(x: np.ndarray, multiple: int, fill=0) -> tuple[np.ndarray, np.ndarray]:
-    """Pad axis 0 of a host array to a multiple of ``multiple``.
-
-    Returns:
-        ``(x_padded [N_pad, ...], valid [N_pad] float32)`` with ``valid`` 1 on real rows.
-    """
-    n = x.shape[0]
-    n_pad = padded_length(n, multiple)
-    valid = np.zeros((n_pad,), np.float32)
-    valid[:n] = 1.0
-    if n_pad == n:
-        return x, valid
-    pad = np.full((n_pad - n,) + x.shape[1:], fill, dtype=x.dtype)
-    return np.concatenate([x, pad], axis=0), valid
-
-
-def shard_rows(x, mesh, fill=0, multiple: Optional[int] = None):
-    """Pad rows to a multiple of the mesh size (or ``multiple``) and place them row-sharded.
-
-    Args:
-        x: host or device array ``[N, ...]``.
-        mesh: mesh from :func:`make_mesh`.
-        fill: value used for padding rows.
-        multiple: row multiple (defaults to the number of devices in ``mesh``).
-
-    Returns:
-        ``(x_sharded [N_pad, ...], valid [N_pad] float32)``, both row-sharded.
-    """
-
-    m = mesh.devices.size if multiple is None else multiple
-    xh = np.asarray(x)
-    xp, valid = pad_rows(xh, m, fill)
-    sh = row_sharding(mesh)
-    return jax.device_put(xp, sh), jax.device_put(valid, sh)
 
 
 # -- device-count-invariant row computations ------------------------------------------

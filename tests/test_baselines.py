@@ -1,5 +1,7 @@
 """Baselines of the KLiSH paper (K-means, AHC, KASP) as pixel classifiers, checked against scikit-learn."""
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -43,11 +45,9 @@ def test_kmeans_arccos_classifier_is_max_cosine(rng):
 @pytest.mark.slow
 def test_fit_kmeans_on_sharded_rows_predicts_nearest_centroid(rng):
     x, _ = _blobs(rng)
-    mesh = sharding.make_mesh(8)
-    layout = sharding.plan_rows(x.shape[0], 8)
-    xs, valid = sharding.shard_rows(x, mesh, multiple=layout.padded_rows)
+    data = sharding.place_rows(x, sharding.make_mesh(8))
     for metric in ("euclidean", "cosine"):
-        clf, res = bl.fit_kmeans(jax.random.key(0), xs, valid, 4, mesh=mesh, layout=layout, metric=metric)
+        clf, res = bl.fit_kmeans(jax.random.key(0), data, 4, metric=metric)
         c = np.asarray(res.centroids)
         ref = pairwise_distances_argmin(x, c, metric="euclidean" if metric == "euclidean" else "cosine")
         assert np.mean(np.asarray(clf.predict(x)) == ref) > 0.995  # float ties aside
@@ -124,11 +124,8 @@ def test_softmax_regression_agrees_with_sklearn_logistic_regression(rng):
     l2 = 1e-2
     preds = []
     for ndev in (1, 8):
-        mesh = sharding.make_mesh(ndev)
-        layout = sharding.plan_rows(n, ndev)
-        xs, valid = sharding.shard_rows(x, mesh, multiple=layout.padded_rows)
-        ys, _ = sharding.shard_rows(y.astype(np.int32), mesh, multiple=layout.padded_rows)
-        r = bl.train_softmax_regression(xs, valid, ys, 3, mesh=mesh, layout=layout, l2=l2, tol=1e-6, max_iter=2000)
+        data = sharding.place_rows(x, sharding.make_mesh(ndev))
+        r = bl.train_softmax_regression(data, data.place(y.astype(np.int32)), 3, l2=l2, tol=1e-6, max_iter=2000)
         assert r.converged
         preds.append(np.argmax(x @ r.W.T + r.b, 1))
     np.testing.assert_array_equal(preds[0], preds[1])
@@ -141,8 +138,6 @@ def test_softmax_regression_agrees_with_sklearn_logistic_regression(rng):
 
 
 def test_missing_sklearn_gives_install_hint(monkeypatch):
-    import sys
-
     monkeypatch.setitem(sys.modules, "sklearn", None)
     with pytest.raises(ImportError, match=r"pip install -e \.\[eval\]"):
         bl.require_sklearn()

@@ -24,6 +24,11 @@ KLiSH does (per-layer scores upsampled, :func:`gansem.segment.segment_scores`).
   pixel goes to the group of its nearest centroid, i.e. the max over the group's
   nearest-centroid scores -- a piecewise-linear classifier (``groups`` set).
 
+Rows on devices travel as a :class:`gansem.sharding.RowData`; the read-out's loss
+and gradient are row sums over it (any device count, any number of processes: only
+replicated parameters come back to the host). Its L-BFGS is the library's one
+adapter, :func:`gansem.cluster.optim.lbfgs_minimize`.
+
 scikit-learn is an optional dependency (``pip install -e .[eval]``), imported
 only by AHC and KASP.
 """
@@ -31,6 +36,7 @@ only by AHC and KASP.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import NamedTuple, Optional, Sequence
 
 import jax
@@ -39,6 +45,7 @@ import numpy as np
 
 from gansem import sharding
 from gansem.cluster import kmeans as km
+from gansem.cluster import optim
 
 __all__ = [
     "ClusterClassifier",
@@ -61,7 +68,7 @@ _EPS = 1e-12
 def require_sklearn():
     """Import scikit-learn or explain how to install it."""
     try:
-        import sklearn  # noqa: F401
+        import sklearn  # noqa: F401  (optional dependency: imported only when a baseline needs it)
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
             "the AHC and KASP baselines use scikit-learn, an optional dependency of gansem; "
@@ -152,17 +159,17 @@ def kmeans_classifier(centroids, metric: str = "euclidean", groups=None, num_clu
     return ClusterClassifier(W.astype(np.float32), b.astype(np.float32), groups, k)
 
 
-def fit_kmeans(key, x, valid, k: int, *, mesh, layout, metric: str = "euclidean", max_iter: int = 20,
+def fit_kmeans(key, data: sharding.RowData, k: int, *, metric: str = "euclidean", max_iter: int = 20,
                tol: float = 1e-4):
-    """K-means++ and Lloyd (:func:`gansem.cluster.kmeans.kmeans`) → ``(ClusterClassifier, KMeansResult)``.
+    """K-means++ and Lloyd (:func:`gansem.cluster.kmeans.kmeans`) → ``(ClusterClassifier, KMeansResult)``. Host-level.
 
     Args:
         key: PRNG key.
-        x: ``[N_pad, D]`` row-sharded features; valid: ``[N_pad] float32``.
+        data: rows ``x [N_pad, D]`` and mask ``valid`` (:class:`gansem.sharding.RowData`).
         k: number of clusters.
         metric: ``"euclidean"`` or ``"cosine"`` (the paper's arccos K-means).
     """
-    res = km.kmeans(key, x, valid, k, mesh=mesh, layout=layout, max_iter=max_iter, tol=tol, metric=metric)
+    res = km.kmeans(key, data, k, max_iter=max_iter, tol=tol, metric=metric)
     return kmeans_classifier(np.asarray(res.centroids), metric), res
 
 
@@ -183,9 +190,7 @@ def kasp_groups(centroids, k: int, *, n_neighbors: int = 3, seed: int = 0) -> np
         ``[K0] int32`` group of each centroid, in ``0..k-1``.
     """
     require_sklearn()
-    import warnings
-
-    from sklearn.cluster import SpectralClustering
+    from sklearn.cluster import SpectralClustering  # optional dependency
 
     c = np.asarray(centroids, np.float64)
     if not 1 <= k <= c.shape[0]:
@@ -272,7 +277,7 @@ def ahc_labels(x, ks: Sequence[int], *, linkage: str = "ward") -> dict:
         up to label order.
     """
     require_sklearn()
-    from sklearn.cluster import AgglomerativeClustering
+    from sklearn.cluster import AgglomerativeClustering  # optional dependency
 
     x = np.asarray(x, np.float64)
     if linkage == "ward":
@@ -313,6 +318,12 @@ def _moments_chunk(xc, vc):
     return jnp.sum(xc * vc[:, None], 0), jnp.sum(xc * xc * vc[:, None], 0), jnp.sum(vc)
 
 
+@jax.jit
+def _moments(data):
+    """Per-feature sums and sums of squares over the valid rows, and their count (replicated)."""
+    return sharding.row_reduce(_moments_chunk, data.mesh, data.layout, (data.x, data.valid))
+
+
 def _ce_chunk(xc, vc, lc, W, b, mu, inv_sd, normalize):
     """Sum of cross-entropies over one chunk and its gradient wrt (W, b), in standardised units."""
 
@@ -334,36 +345,35 @@ def _standardise(xc, mu, inv_sd, normalize):
     return (xc - mu) * inv_sd
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "layout", "normalize", "bias", "max_iter"))
-def _fit_readout(x, valid, labels, W0, b0, mu, inv_sd, l2, tol, *, mesh, layout, normalize, bias, max_iter):
-    import jaxopt
-
-    n = sharding.row_reduce(lambda v: jnp.sum(v), mesh, layout, (valid,))
+@functools.partial(jax.jit, static_argnames=("normalize", "bias", "max_iter"))
+def _fit_readout(data, labels, W0, b0, mu, inv_sd, l2, tol, *, normalize, bias, max_iter):
+    mesh, layout, rows = data.mesh, data.layout, (data.x, data.valid, labels)
+    n = sharding.row_reduce(lambda v: jnp.sum(v), mesh, layout, (data.valid,))
 
     def fun(params):
         W, b = params
         val, gW, gb = sharding.row_reduce(
             lambda xc, vc, lc, W, b, mu, s: _ce_chunk(xc, vc, lc, W, b, mu, s, normalize),
-            mesh, layout, (x, valid, labels), (W, b, mu, inv_sd))
+            mesh, layout, rows, (W, b, mu, inv_sd))
         f = val / n + 0.5 * l2 * jnp.sum(W * W)
         gW = gW / n + l2 * W
         gb = gb / n if bias else jnp.zeros_like(gb)
-        return f, (gW, gb)
+        return (f, jnp.sqrt(jnp.sum(gW * gW) + jnp.sum(gb * gb))), (gW, gb)
 
-    solver = jaxopt.LBFGS(fun=fun, value_and_grad=True, maxiter=max_iter, tol=tol, history_size=10)
-    res = solver.run((W0, b0))
+    res = optim.lbfgs_minimize(fun, (W0, b0), stop_fn=lambda old, new, gnorm: gnorm <= tol, max_iter=max_iter,
+                               history_size=10, min_iter=1, guarded=False)
     W, b = res.params
     correct = sharding.row_reduce(
         lambda xc, vc, lc, W, b: jnp.sum((jnp.argmax(_standardise(xc, mu, inv_sd, normalize) @ W.T + b, -1) == lc)
                                          * vc),
-        mesh, layout, (x, valid, labels), (W, b))
-    return W, b, res.state.value, res.state.iter_num, res.state.error, correct / n
+        mesh, layout, rows, (W, b))
+    return W, b, res.value, res.n_iter, res.aux, correct / n
 
 
-def train_softmax_regression(x, valid, labels, num_classes: int, *, mesh, layout, bias: bool = True,
+def train_softmax_regression(data: sharding.RowData, labels, num_classes: int, *, bias: bool = True,
                              normalize_rows: bool = False, l2: float = 1e-4, tol: float = 1e-4,
                              max_iter: int = 500, init: Optional[tuple] = None) -> ReadoutResult:
-    """Linear softmax classifier (multinomial logistic regression) by full-batch L-BFGS.
+    """Linear softmax classifier (multinomial logistic regression) by full-batch L-BFGS. Host-level driver.
 
     Minimises ``mean_i CE(softmax(W̃ z_i + b̃), y_i) + ½ l2 ‖W̃‖²`` over the valid
     rows, where ``z`` are the features standardised per dimension (mean/std of the
@@ -372,14 +382,14 @@ def train_softmax_regression(x, valid, labels, num_classes: int, *, mesh, layout
     This is the linear read-out of the AHC baseline and the LSE of the
     separability experiment (Sec. 4.2; the paper trains it with Adam, lr 1e-3,
     for one epoch -- we solve the same objective to convergence with L-BFGS,
-    jaxopt). Loss and gradient are row sums through
+    :func:`gansem.cluster.optim.lbfgs_minimize`, stopping when the gradient norm is at
+    most ``tol``). Loss and gradient are row sums through
     :func:`gansem.sharding.row_reduce` (any device count, bounded memory).
 
     Args:
-        x: ``[N_pad, D]`` row-sharded features; valid: ``[N_pad] float32`` mask.
-        labels: ``[N_pad] int32`` classes in ``0..num_classes-1``.
+        data: rows ``x [N_pad, D]`` and mask ``valid`` (:class:`gansem.sharding.RowData`).
+        labels: ``[N_pad] int32`` row-sharded classes in ``0..num_classes-1``.
         num_classes: K.
-        mesh, layout: from :mod:`gansem.sharding`.
         bias: learn ``b`` (False: ``b = 0``, with ``normalize_rows`` this makes the
             classifier ``argmax W·x`` independent of the feature norm).
         normalize_rows: train on L2-normalised features (cosine variants).
@@ -393,8 +403,8 @@ def train_softmax_regression(x, valid, labels, num_classes: int, *, mesh, layout
     """
     if normalize_rows and bias:
         raise ValueError("normalize_rows=True needs bias=False (otherwise the classifier depends on the feature norm)")
-    d = x.shape[1]
-    s1, s2, n = sharding.row_reduce(_moments_chunk, mesh, layout, (x, valid))
+    d = data.x.shape[1]
+    s1, s2, n = _moments(data)
     n = jnp.maximum(n, 1.0)
     mu = s1 / n
     sd = jnp.sqrt(jnp.maximum(s2 / n - mu * mu, 0.0))
@@ -408,8 +418,8 @@ def train_softmax_regression(x, valid, labels, num_classes: int, *, mesh, layout
         if not bias:
             b0 = jnp.zeros_like(b0)
     W, b, loss, it, err, acc = _fit_readout(
-        x, valid, jnp.asarray(labels, jnp.int32), W0, b0, mu, inv_sd, jnp.float32(l2), jnp.float32(tol),
-        mesh=mesh, layout=layout, normalize=bool(normalize_rows), bias=bool(bias), max_iter=int(max_iter))
+        data, jnp.asarray(labels, jnp.int32), W0, b0, mu, inv_sd, jnp.float32(l2), jnp.float32(tol),
+        normalize=bool(normalize_rows), bias=bool(bias), max_iter=int(max_iter))
     W_raw = np.asarray(W * inv_sd[None, :], np.float32)
     b_raw = np.asarray(b - W_raw @ np.asarray(mu), np.float32) if not normalize_rows else np.zeros(num_classes, np.float32)
     return ReadoutResult(W_raw, b_raw, float(loss), int(it), bool(float(err) <= tol), float(acc))
@@ -435,8 +445,7 @@ def fit_ahc(x, ks: Sequence[int], *, linkage: str = "ward", mesh=None, l2: float
     x = np.asarray(x, np.float32)
     labels = ahc_labels(x, ks, linkage=linkage)
     mesh = sharding.make_mesh(1) if mesh is None else mesh
-    layout = sharding.plan_rows(x.shape[0], mesh.devices.size)
-    xs, valid = sharding.shard_rows(x, mesh, multiple=layout.padded_rows)
+    data = sharding.place_rows(x, mesh)
     cosine = linkage == "average-cosine"
     if cosine:
         z = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), _EPS)
@@ -449,8 +458,7 @@ def fit_ahc(x, ks: Sequence[int], *, linkage: str = "ward", mesh=None, l2: float
             W0, b0 = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), _EPS), np.zeros(k)
         else:
             W0, b0 = c, -0.5 * np.sum(c * c, axis=1)
-        ys, _ = sharding.shard_rows(lab.astype(np.int32), mesh, multiple=layout.padded_rows)
-        r = train_softmax_regression(xs, valid, ys, k, mesh=mesh, layout=layout, bias=not cosine,
+        r = train_softmax_regression(data, data.place(lab.astype(np.int32)), k, bias=not cosine,
                                      normalize_rows=cosine, l2=l2, tol=tol, max_iter=max_iter, init=(W0, b0))
         out[int(k)] = (linear_classifier(r.W, r.b), lab, r)
     return out

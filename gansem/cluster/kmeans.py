@@ -4,24 +4,28 @@ The first stage of KLiSH (Sec. 3.2 of Xu et al., "Extracting Semantic Knowledge
 from GANs with Unsupervised Learning"): K-means with a large K0 gives the
 initial clusters that the merge loop then joins.
 
-Data layout (see :mod:`gansem.sharding`): ``x [N_pad, D]`` row-sharded with a
-float32 ``valid [N_pad]`` mask, padded to ``layout.padded_rows`` rows where
-``layout = sharding.plan_rows(N, n_devices)``. Every sum over rows goes through
+Data layout: the rows travel as one :class:`gansem.sharding.RowData` (``x [N_pad, D]``
+row-sharded, a float32 ``valid [N_pad]`` mask, the layout and the mesh; build it with
+:func:`gansem.sharding.place_rows`). Every sum over rows goes through
 :func:`gansem.sharding.row_reduce` and every per-row map through
 :func:`gansem.sharding.row_map` (or their in-place forms), so results are
-bit-identical on 1 and 8 devices. Speed notes (measured in ``benchmarks/``): the
-distance block is laid out ``[K, rows]`` per chunk, and for float32 euclidean
-rows all of a device's chunks are multiplied in place in one batched product
-(:func:`gansem.sharding.product_map_reduce`: no chunk copies, the same bits);
-it is reduced with a column ``min`` followed by a first-index ``min`` taken
-over a float32 index (XLA's CPU argmin over the minor axis was the slowest
-part of an iteration, and an int32 column ``min`` compiled to a reduce-window
-that took 2 ms per 12.5k-row chunk); one block per chunk (a second loop over
-sub-blocks of the chunk cost 1.2-1.4x per iteration); Lloyd updates the cluster
-sums from the rows whose label changed (after the first passes a few percent of
-the rows, so the scatter-add over all N x D values is paid once); the input
-check is jitted once (an eager ``shard_map`` cost ~0.3 s per call); Lloyd stops
-at an exact fixed point.
+bit-identical on every device count dividing the layout's chunk count, and no
+function reads rows back to the host.
+
+Design: the distance block is laid out ``[K, rows]`` per chunk, and for float32
+euclidean rows all of a device's chunks are multiplied in place in one batched
+product (:func:`gansem.sharding.product_map_reduce`: no chunk copies, the same
+bits); it is reduced with a column ``min`` followed by a first-index ``min``
+taken over a float32 index (XLA's CPU argmin over the minor axis, and an int32
+column ``min``, compile to much slower kernels); one block per chunk; Lloyd
+updates the cluster sums from the rows whose label changed (after the first
+passes a few percent of the rows, so the scatter-add over all N x D values is
+paid once) and stops at an exact fixed point.
+
+Entry points: :func:`kmeans_fit` is the jittable core (K-means++ then Lloyd, no
+host reads); :func:`kmeans`, :func:`kmeans_plusplus_init` and :func:`lloyd` are
+host-level drivers that check their arguments (e.g. K against the number of valid
+rows) first. :func:`assign` is jittable.
 
 Metrics:
     ``"euclidean"``: squared Euclidean distance, centroids are cluster means.
@@ -36,10 +40,10 @@ it was assigned to. Centroids are therefore never the zero vector.
 
 Example::
 
-    layout = sharding.plan_rows(n, mesh.devices.size)
-    x, valid = sharding.shard_rows(feats, mesh, multiple=layout.padded_rows)
-    res = kmeans(jax.random.key(0), x, valid, 100, mesh=mesh, layout=layout)
+    data = sharding.place_rows(feats, mesh)          # feats: [N, D] host array
+    res = kmeans(jax.random.key(0), data, 100)
     res.centroids, res.labels, res.n_iter, res.converged
+    res = jax.jit(lambda d: kmeans_fit(jax.random.key(0), d, 100))(data)   # the same, inside jit
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ __all__ = [
     "kmeans_plusplus_init",
     "lloyd",
     "kmeans",
+    "kmeans_fit",
     "assign",
     "count_valid",
 ]
@@ -120,7 +125,7 @@ def _first_argmin_t(d):
     Same tie rule as ``argmin`` (lowest index), but as two vectorised column
     reductions, which XLA's CPU backend runs much faster than a variadic argmin.
     The index is reduced as float32 (exact for K < 2^24): an int32 column ``min``
-    compiled to a reduce-window about 25x slower than the float one.
+    compiles to a much slower reduce-window.
     """
     k = d.shape[0]
     iota = jax.lax.broadcasted_iota(jnp.float32, d.shape, 0)
@@ -165,7 +170,7 @@ def _in_place(x, metric):
     return metric == "euclidean" and x.dtype == jnp.float32
 
 
-def _nearest_pass(x, centroids, *, mesh, layout, metric, row_args=(), partials=None):
+def _nearest_pass(data, centroids, *, metric, row_args=(), partials=None):
     """Nearest centroid and squared distance of every row, one pass over the chunks.
 
     Euclidean float32 rows are multiplied in place (:func:`sharding.product_map_reduce`);
@@ -174,6 +179,7 @@ def _nearest_pass(x, centroids, *, mesh, layout, metric, row_args=(), partials=N
     Returns ``((labels, dist), totals)``.
     """
     part = partials or (lambda *a: ())
+    x, mesh, layout = data.x, data.mesh, data.layout
     if _in_place(x, metric):
         def fn(prod, rows, *rest):
             *rc, c = rest
@@ -190,34 +196,29 @@ def _nearest_pass(x, centroids, *, mesh, layout, metric, row_args=(), partials=N
     return sharding.row_map_reduce(fn, mesh, layout, (x,) + tuple(row_args), (centroids,))
 
 
-def count_valid(valid, *, mesh, layout) -> int:
-    """Number of valid rows (exact integer count) as a Python int."""
-    return int(_count_valid(valid, mesh=mesh, layout=layout))
+def count_valid(data) -> int:
+    """Number of valid rows of ``data`` (exact integer count) as a Python int. Host-level."""
+    return int(_count_valid(data))
 
 
 def _count_chunk(v):
     return jnp.sum(v > 0, dtype=jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "layout"))
-def _count_valid(valid, *, mesh, layout):
-    # Jitted at module level: an eager shard_map would be re-traced on every call (~0.3 s).
-    return sharding.row_reduce(_count_chunk, mesh, layout, (valid,))
+@jax.jit
+def _count_valid(data):
+    # Jitted at module level: an eager shard_map would be re-traced on every call.
+    return sharding.row_reduce(_count_chunk, data.mesh, data.layout, (data.valid,))
 
 
-def _check_inputs(x, valid, k, *, mesh, layout):
-    if x.ndim != 2:
-        raise ValueError(f"x must be [N_pad, D], got shape {x.shape}")
-    if valid.shape != (x.shape[0],):
-        raise ValueError(f"valid must be [N_pad]={x.shape[0]}, got shape {valid.shape}")
-    if x.shape[0] != layout.padded_rows:
-        raise ValueError(
-            f"x has {x.shape[0]} rows but the layout expects {layout.padded_rows}; pad with "
-            "sharding.shard_rows(x, mesh, multiple=layout.padded_rows)"
-        )
+def _check_inputs(data, k):
+    if not isinstance(data, sharding.RowData):
+        raise TypeError(f"data must be a sharding.RowData (sharding.place_rows), got {type(data).__name__}")
+    if data.x.ndim != 2:
+        raise ValueError(f"data.x must be [N_pad, D], got shape {data.x.shape}")
     if k < 1:
         raise ValueError(f"number of clusters K must be >= 1, got {k}")
-    n = count_valid(valid, mesh=mesh, layout=layout)
+    n = count_valid(data)
     if k > n:
         raise ValueError(
             f"K={k} clusters requested but there are only {n} valid feature rows; lower K0 "
@@ -228,30 +229,29 @@ def _check_inputs(x, valid, k, *, mesh, layout):
 # -- public API ----------------------------------------------------------------------
 
 
-def assign(x, centroids, *, mesh, layout, metric="euclidean"):
-    """Nearest-centroid assignment of every row.
+def assign(data, centroids, *, metric="euclidean"):
+    """Nearest-centroid assignment of every row. Jittable.
 
     Args:
-        x: ``[N_pad, D]`` row-sharded features.
+        data: rows ``x [N_pad, D]`` (:class:`gansem.sharding.RowData`).
         centroids: ``[K, D]`` replicated centroids.
-        mesh, layout: from :mod:`gansem.sharding`.
         metric: ``"euclidean"`` or ``"cosine"``.
 
     Returns:
         ``(labels [N_pad] int32, min_sq_dist [N_pad] float32)``, row-sharded.
     """
     _check_metric(metric)
-    return _assign(x, jnp.asarray(centroids, jnp.float32), mesh=mesh, layout=layout, metric=metric)
+    return _assign(data, jnp.asarray(centroids, jnp.float32), metric=metric)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "layout", "metric"))
-def _assign(x, centroids, *, mesh, layout, metric):
+@functools.partial(jax.jit, static_argnames=("metric",))
+def _assign(data, centroids, *, metric):
     centroids = _prep_centroids(centroids, metric)
-    return _nearest_pass(x, centroids, mesh=mesh, layout=layout, metric=metric)[0]
+    return _nearest_pass(data, centroids, metric=metric)[0]
 
 
-def kmeans_plusplus_init(key, x, valid, k, *, mesh, layout, metric="euclidean", n_trials=None):
-    """Greedy K-means++ seeding (D^2 sampling), independent of the device count.
+def kmeans_plusplus_init(key, data, k, *, metric="euclidean", n_trials=None):
+    """Greedy K-means++ seeding (D^2 sampling), independent of the device count. Host-level driver.
 
     As in scikit-learn, each step draws ``n_trials`` (default ``2 + ln K``)
     candidates by D^2 sampling and keeps the one that lowers the potential
@@ -268,10 +268,8 @@ def kmeans_plusplus_init(key, x, valid, k, *, mesh, layout, metric="euclidean", 
 
     Args:
         key: PRNG key.
-        x: ``[N_pad, D]`` row-sharded features.
-        valid: ``[N_pad] float32`` mask.
+        data: rows ``x [N_pad, D]`` and mask ``valid`` (:class:`gansem.sharding.RowData`).
         k: number of centroids.
-        mesh, layout: from :mod:`gansem.sharding`.
         metric: ``"euclidean"`` or ``"cosine"`` (sampling on normalised rows).
         n_trials: candidates per step (``None``: ``2 + int(ln K)``, scikit-learn's rule).
 
@@ -282,25 +280,30 @@ def kmeans_plusplus_init(key, x, valid, k, *, mesh, layout, metric="euclidean", 
         ValueError: if ``k`` exceeds the number of valid rows or ``n_trials < 1``.
     """
     _check_metric(metric)
-    _check_inputs(x, valid, k, mesh=mesh, layout=layout)
+    _check_inputs(data, k)
+    return _kmeans_pp(key, data, k=int(k), trials=_trials(k, n_trials), metric=metric)
+
+
+def _trials(k, n_trials):
     trials = 2 + int(np.log(k)) if n_trials is None else int(n_trials)
     if trials < 1:
         raise ValueError(f"n_trials must be >= 1 (1 = plain k-means++), got {n_trials}")
-    return _kmeans_pp(key, x, valid, k=int(k), trials=trials, mesh=mesh, layout=layout, metric=metric)
+    return trials
 
 
-def _row_sq_norms(x, *, mesh, layout, metric):
+def _row_sq_norms(data, *, metric):
     """``[N_pad]`` squared norms of the rows as used by ``metric`` (1 for ``cosine``)."""
     return sharding.row_map(
-        lambda xc: jnp.sum(jnp.square(_prep_rows(xc, metric)), axis=-1), mesh, layout, (x,)
+        lambda xc: jnp.sum(jnp.square(_prep_rows(xc, metric)), axis=-1), data.mesh, data.layout, (data.x,)
     )
 
 
-def _sample_rows(mass, u, *, mesh, layout):
+def _sample_rows(data, mass, u):
     """Rows drawn with probability proportional to ``mass`` (inverse CDF), device-invariant.
 
     Args:
-        mass: ``[N_pad] float32`` non-negative row weights (0 on padding).
+        data: the rows (only their layout and mesh are used).
+        mass: ``[N_pad] float32`` row-sharded non-negative row weights (0 on padding).
         u: ``[L] float32`` uniforms in [0, 1).
 
     Returns:
@@ -310,8 +313,8 @@ def _sample_rows(mass, u, *, mesh, layout):
         search, so rows of zero mass are never chosen (``idx`` is arbitrary when
         ``total == 0``).
     """
-    g, rows = layout.num_chunks, layout.chunk_rows
-    cums = sharding.row_map(jnp.cumsum, mesh, layout, (mass,))  # [N_pad], per chunk
+    g, rows = data.layout.num_chunks, data.layout.chunk_rows
+    cums = sharding.row_map(jnp.cumsum, data.mesh, data.layout, (mass,))  # [N_pad], per chunk
     cums = cums.reshape(g, rows)
     chunk_tot = cums[:, -1]  # [G]
     chunk_cum = jnp.cumsum(chunk_tot)
@@ -323,16 +326,16 @@ def _sample_rows(mass, u, *, mesh, layout):
     before = jnp.concatenate([jnp.zeros((1,), chunk_cum.dtype), chunk_cum[:-1]])[c]
     rest = jnp.clip(target - before, 0.0, jnp.nextafter(chunk_tot[c], 0.0))
     # compare_all: one vectorised pass over the chunk instead of a binary-search while loop
-    # (XLA:CPU runs each loop step as separate small kernels; ~0.6 ms per k-means++ step)
+    # (XLA:CPU runs each loop step as separate small kernels)
     within = jax.vmap(lambda cc, r: jnp.searchsorted(cums[cc], r, side="right", method="compare_all"))(c, rest)
     within = jnp.clip(within, 0, rows - 1)
     return (c * rows + within).astype(jnp.int32), total
 
 
-@functools.partial(jax.jit, static_argnames=("k", "trials", "mesh", "layout", "metric"))
-def _kmeans_pp(key, x, valid, *, k, trials, mesh, layout, metric):
+def _kmeans_pp_core(key, data, *, k, trials, metric):
+    x, valid, mesh, layout = data.x, data.valid, data.mesh, data.layout
     dim = x.shape[1]
-    x_sq = _row_sq_norms(x, mesh=mesh, layout=layout, metric=metric)
+    x_sq = _row_sq_norms(data, metric=metric)
 
     def rows(idx):
         return _prep_rows(jnp.take(x, idx, axis=0), metric)
@@ -340,11 +343,11 @@ def _kmeans_pp(key, x, valid, *, k, trials, mesh, layout, metric):
     def draw(step, d, n):
         """``n`` rows by D^2 sampling (uniformly among valid rows if every d is 0)."""
         u = jax.random.uniform(jax.random.fold_in(key, step), (n,))
-        idx, total = _sample_rows(d * valid, u, mesh=mesh, layout=layout)
+        idx, total = _sample_rows(data, d * valid, u)
         return jax.lax.cond(
             total > 0,
             lambda: idx,
-            lambda: _sample_rows(valid, u, mesh=mesh, layout=layout)[0],
+            lambda: _sample_rows(data, valid, u)[0],
         )
 
     def cand_dists(d, cand):
@@ -362,10 +365,10 @@ def _kmeans_pp(key, x, valid, *, k, trials, mesh, layout, metric):
                 return finish(xsc[:, None] - 2.0 * (xc @ cc.T) + csq[None, :], dc, vc)
 
             return sharding.row_map_reduce(chunk, mesh, layout, (x, x_sq, d, valid), (cand, c_sq))
-        # The products without copying each chunk out (the copy took about half of a step
-        # at N = 100k, D = 960); same bits as the per-chunk product. Several candidates are
-        # padded to 8 columns (copies of the last candidate, dropped again): a 6-column
-        # product took 16.7 ms there, an 8-column one 13.9 ms; a single candidate 6.6 ms.
+        # The products without copying each chunk out (the copy costs as much as the product);
+        # same bits as the per-chunk product. Several candidates are padded to 8 columns
+        # (copies of the last candidate, dropped again): XLA:CPU multiplies 8 columns faster
+        # than 6 (see benchmarks/README.md).
         pad = -trials % 8 if trials > 1 else 0
         cand_p = jnp.concatenate([cand, jnp.repeat(cand[-1:], pad, axis=0)]) if pad else cand
         prod = sharding.row_products(x, cand_p, mesh, layout)[:, :trials]
@@ -392,8 +395,11 @@ def _kmeans_pp(key, x, valid, *, k, trials, mesh, layout, metric):
     return cents
 
 
-def lloyd(x, valid, centroids, *, mesh, layout, max_iter=20, tol=1e-4, metric="euclidean"):
-    """Lloyd iterations from given centroids.
+_kmeans_pp = functools.partial(jax.jit, static_argnames=("k", "trials", "metric"))(_kmeans_pp_core)
+
+
+def lloyd(data, centroids, *, max_iter=20, tol=1e-4, metric="euclidean"):
+    """Lloyd iterations from given centroids. Host-level driver (checks K against the valid rows).
 
     Stops when the L-inf shift of the centroids in one iteration is below
     ``tol`` or at a fixed point (no row changes cluster, so every further
@@ -415,10 +421,8 @@ def lloyd(x, valid, centroids, *, mesh, layout, max_iter=20, tol=1e-4, metric="e
     counts (each chunk's branch depends on its own rows only).
 
     Args:
-        x: ``[N_pad, D]`` row-sharded features.
-        valid: ``[N_pad] float32`` mask.
+        data: rows ``x [N_pad, D]`` and mask ``valid`` (:class:`gansem.sharding.RowData`).
         centroids: ``[K, D]`` initial centroids.
-        mesh, layout: from :mod:`gansem.sharding`.
         max_iter: iteration cap.
         tol: L-inf centroid-shift tolerance.
         metric: ``"euclidean"`` or ``"cosine"``.
@@ -428,10 +432,8 @@ def lloyd(x, valid, centroids, *, mesh, layout, max_iter=20, tol=1e-4, metric="e
     """
     _check_metric(metric)
     centroids = jnp.asarray(centroids, jnp.float32)
-    _check_inputs(x, valid, centroids.shape[0], mesh=mesh, layout=layout)
-    return _lloyd(
-        x, valid, centroids, jnp.float32(tol), max_iter=int(max_iter), mesh=mesh, layout=layout, metric=metric
-    )
+    _check_inputs(data, centroids.shape[0])
+    return _lloyd(data, centroids, jnp.float32(tol), max_iter=int(max_iter), metric=metric)
 
 
 def _capacities(rows: int) -> tuple[int, ...]:
@@ -483,8 +485,8 @@ def _cluster_delta(rows, lc, oc, k):
     return dsums, dcounts, n_changed
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter", "mesh", "layout", "metric"))
-def _lloyd(x, valid, centroids, tol, *, max_iter, mesh, layout, metric):
+def _lloyd_core(data, centroids, tol, *, max_iter, metric):
+    x, valid, mesh, layout = data.x, data.valid, data.mesh, data.layout
     k = centroids.shape[0]
     centroids = _prep_centroids(centroids, metric)
 
@@ -556,8 +558,7 @@ def _lloyd(x, valid, centroids, tol, *, max_iter, mesh, layout, metric):
         counts = jax.ops.segment_sum((vc > 0).astype(jnp.int32), lc, num_segments=k)
         return counts, jnp.sum(dc * vc)
 
-    (labels, _), (counts, inertia) = _nearest_pass(x, c, mesh=mesh, layout=layout, metric=metric,
-                                                   row_args=(valid,), partials=final)
+    (labels, _), (counts, inertia) = _nearest_pass(data, c, metric=metric, row_args=(valid,), partials=final)
     return KMeansResult(
         centroids=c,
         labels=labels,
@@ -568,14 +569,19 @@ def _lloyd(x, valid, centroids, tol, *, max_iter, mesh, layout, metric):
     )
 
 
-def kmeans(key, x, valid, k, *, mesh, layout, max_iter=20, tol=1e-4, metric="euclidean"):
-    """K-means++ seeding followed by Lloyd iterations.
+_lloyd = functools.partial(jax.jit, static_argnames=("max_iter", "metric"))(_lloyd_core)
+
+
+def kmeans(key, data, k, *, max_iter=20, tol=1e-4, metric="euclidean"):
+    """K-means++ seeding followed by Lloyd iterations. Host-level driver.
+
+    Checks the arguments (``k`` against the number of valid rows, which it reads
+    back), then runs the same computation as :func:`kmeans_fit`.
 
     Args:
         key: PRNG key for the seeding.
-        x: ``[N_pad, D]`` row-sharded features; ``valid [N_pad] float32`` mask.
+        data: rows ``x [N_pad, D]`` and mask ``valid`` (:class:`gansem.sharding.RowData`).
         k: number of clusters (at most the number of valid rows).
-        mesh, layout: from :mod:`gansem.sharding`.
         max_iter, tol: Lloyd stopping rule (L-inf centroid shift).
         metric: ``"euclidean"`` or ``"cosine"`` (spherical K-means).
 
@@ -586,5 +592,30 @@ def kmeans(key, x, valid, k, *, mesh, layout, max_iter=20, tol=1e-4, metric="euc
         ValueError: if ``k`` exceeds the number of valid rows (lower K0 or use
             more images / a higher resolution).
     """
-    init = kmeans_plusplus_init(key, x, valid, k, mesh=mesh, layout=layout, metric=metric)
-    return lloyd(x, valid, init, mesh=mesh, layout=layout, max_iter=max_iter, tol=tol, metric=metric)
+    init = kmeans_plusplus_init(key, data, k, metric=metric)
+    return lloyd(data, init, max_iter=max_iter, tol=tol, metric=metric)
+
+
+def kmeans_fit(key, data, k: int, *, max_iter: int = 20, tol=1e-4, metric: str = "euclidean",
+               n_trials=None) -> KMeansResult:
+    """K-means++ seeding followed by Lloyd iterations. Jittable.
+
+    The core of :func:`kmeans` without its argument checks: ``k``, ``max_iter``,
+    ``metric`` and ``n_trials`` are static, ``key``, ``data`` and ``tol`` may be traced.
+    The caller guarantees ``1 <= k <=`` the number of valid rows (with fewer valid
+    rows than ``k``, some centroids repeat rows).
+
+    Args:
+        key: PRNG key for the seeding.
+        data: rows ``x [N_pad, D]`` and mask ``valid`` (:class:`gansem.sharding.RowData`).
+        k: number of clusters.
+        max_iter, tol: Lloyd stopping rule (L-inf centroid shift).
+        metric: ``"euclidean"`` or ``"cosine"``.
+        n_trials: K-means++ candidates per step (see :func:`kmeans_plusplus_init`).
+
+    Returns:
+        :class:`KMeansResult`.
+    """
+    _check_metric(metric)
+    init = _kmeans_pp(key, data, k=int(k), trials=_trials(k, n_trials), metric=metric)
+    return _lloyd(data, init, jnp.float32(tol), max_iter=int(max_iter), metric=metric)
