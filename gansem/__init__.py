@@ -8,7 +8,8 @@ The public API, for research code::
     layers = gansem.select_feature_layers(gen.feature_layers(), 1000)
     images, feats = gansem.extract_features(gen, params, latents, layers, 16)   # [N, 16, 16, D]
     data = gansem.place_rows(feats.reshape(-1, feats.shape[-1]), gansem.make_mesh())
-    result = gansem.kmeans(key, data, 20)
+    result = gansem.kmeans(key, data, 20)                        # host-level: checks, then kmeans_fit
+    fit = jax.jit(gansem.kmeans_fit, static_argnums=2)(key, data, 20)   # the same bits, jitted
 
 Two kinds of functions:
 
@@ -16,9 +17,10 @@ Two kinds of functions:
 whose layout and mesh are static), callable inside a user's ``jax.jit``,
 ``jax.grad`` (where differentiable) or ``jax.vmap`` over parameters:
 
-* :func:`kmeans` (k-means++ and Lloyd on row-sharded data; returns its state: iterations,
-  converged flag, inertia), :func:`ovr_svm_objective` (Eq. 3, with its own VJP),
-  :func:`cluster_iou` (Eq. 4);
+* :func:`kmeans_fit` (k-means++ and Lloyd on row-sharded data; returns its state: iterations,
+  converged flag, inertia), :func:`fit_ovr_svm` (L-BFGS on Eq. 3 for every class at once,
+  the paper's stopping rule in a ``lax.while_loop``), :func:`ovr_svm_objective` (Eq. 3, with
+  its own VJP), :func:`cluster_iou` (Eq. 4);
 * :func:`concat_features`, :func:`resize_bilinear_align_corners`, :func:`segment_scores`;
 * the generators' ``sample_latents``, ``map_latents``, ``synthesize`` (``gen`` is a frozen,
   hashable dataclass: close over it or pass it as a static argument).
@@ -29,8 +31,10 @@ host-side statistics; call them from plain Python:
 * :func:`load_generator` (files, converters), :func:`extract_features` and
   :func:`map_batches` (batch loops, data-parallel over a mesh),
   :func:`fit_feature_transform`;
-* :func:`train_ovr_svm` (working-set solves with per-class stopping), :func:`klish_init`,
-  :func:`klish_step`, :func:`run_klish` (the merge loop; records are :class:`MergeRecord`);
+* :func:`kmeans` (argument checks, then :func:`kmeans_fit`), :func:`train_ovr_svm` (working-set
+  solves with per-class stopping, the fast route to the optimum :func:`fit_ovr_svm` reaches),
+  :func:`klish_init`, :func:`klish_step`, :func:`klish_steps` (the one merge loop, a generator of
+  ``(record, state)``), :func:`run_klish` (it, from K-means to K = 1; records are :class:`MergeRecord`);
 * :func:`run_klish_job` (the whole pipeline into a run directory), :class:`Run` (open a run
   directory), :class:`Segmenter` (label new samples), :func:`evaluate_run`;
 * the metrics (host numpy on contingency tables streamed by :class:`ContingencyAccumulator`).
@@ -42,9 +46,10 @@ on any device count dividing 8.
 
 from . import batching, evaluation, features, generators, metrics, pipeline, run, segment, sharding, zoo
 from .batching import map_batches
-from .cluster.klish import KlishState, MergeRecord, cluster_iou, klish_init, klish_step, run_klish
-from .cluster.kmeans import KMeansResult, kmeans
-from .cluster.svm import SVMResult, ovr_svm_objective, train_ovr_svm
+from .cluster.klish import (KlishState, MergeRecord, cluster_iou, is_complete, klish_init, klish_step, klish_steps,
+                           run_klish)
+from .cluster.kmeans import KMeansResult, kmeans, kmeans_fit
+from .cluster.svm import SVMFit, SVMResult, fit_ovr_svm, ovr_svm_objective, train_ovr_svm
 from .evaluation import evaluate_run
 from .features import (
     FeatureTransform,
@@ -81,8 +86,9 @@ __all__ = [
     # devices
     "make_mesh", "place_rows", "RowData",
     # clustering
-    "kmeans", "KMeansResult", "train_ovr_svm", "ovr_svm_objective", "SVMResult", "cluster_iou",
-    "klish_init", "klish_step", "run_klish", "MergeRecord", "KlishState",
+    "kmeans", "kmeans_fit", "KMeansResult", "train_ovr_svm", "fit_ovr_svm", "SVMResult", "SVMFit",
+    "ovr_svm_objective", "cluster_iou", "klish_init", "klish_step", "klish_steps", "is_complete", "run_klish",
+    "MergeRecord", "KlishState",
     # metrics
     "contingency", "ContingencyAccumulator", "adjusted_rand_index", "adjusted_mutual_info",
     "normalized_mutual_info", "greedy_matching_miou", "clustering_scores",

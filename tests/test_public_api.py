@@ -78,7 +78,7 @@ def test_kmeans_under_user_jit_matches_host_call():
 
     @jax.jit
     def user_fn(key, data):
-        res = gansem.kmeans(key, data, 3, max_iter=20)
+        res = gansem.kmeans_fit(key, data, 3, max_iter=20)
         return res.centroids, res.inertia, res.n_iter, res.converged
 
     host = gansem.kmeans(key, data, 3, max_iter=20)
