@@ -27,7 +27,8 @@ Variants (``--variants``, comma-separated; ``all`` for every one):
     default-nofilter the default without the initial-cluster filter
 
 Results go to ``--out`` (JSON, written after every variant) and a markdown table on stdout.
-Several variants take 5-15 minutes each on a 2-core CPU (D = 960 runs are the slow ones).
+Each variant is a full main job; the ones that cluster raw D = 960 features are the slow ones
+(run times in benchmarks/README.md, "Fidelity ablation").
 """
 
 from __future__ import annotations

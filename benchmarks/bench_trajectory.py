@@ -215,10 +215,10 @@ def main(argv=None):
     # -- reference: every solve close to its exact optimum (untimed) ------------------------
     e_records = []
     if args.exact_tol > 0:
-        # The faithful joint solve compiled one program per K and XLA keeps compiled code mapped
+        # The faithful joint solve compiles one program per K and XLA keeps compiled code mapped
         # until it is dropped (common.memory_maps_used); with the reference's programs on top, a
-        # full run (K0 = 100) hit vm.max_map_count = 65530 and died in LLVM ("Cannot allocate
-        # memory") at 3.4 GiB resident of 24 GiB. Drop the compiled programs first.
+        # full run (K0 = 100) can exceed Linux's default vm.max_map_count (65530), and LLVM then
+        # fails with "Cannot allocate memory". Drop the compiled programs first.
         jax.clear_caches()
         gc.collect()
         t = time.perf_counter()

@@ -1,6 +1,6 @@
 """Safe, torch-free reader for PyTorch checkpoints and NVIDIA StyleGAN2-ADA / StyleGAN3 network pickles.
 
-Formats (see docs/porting.md §1.1, §1.2, §6):
+Formats:
 
 * ``torch-zip``: `torch.save` of torch >= 1.6. ``<root>/data.pkl`` (protocol 2) names storages by persistent id
   ``('storage', torch.<X>Storage, key, location, numel)``; storage bytes are the ZIP_STORED members

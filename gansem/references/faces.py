@@ -57,7 +57,7 @@ point not above its lower partner: a failed fit). Every pixel of a skipped sampl
 how many were labelled and skipped. There is no fixed-box fallback: started from a
 fixed box, the shape predictor returns a face-shaped set of points even on a blank
 image, so such a fit cannot be told apart from a real one. On 200 fresh samples of
-the bundled 64×64 DigiFace DCGAN, 164 (82 %) are labelled (169 of another 200); the
+the bundled 64×64 DigiFace DCGAN, about 82 % are labelled; the
 skipped ones are mostly strongly turned, very dark or heavily occluded faces.
 
 Limits: no hair, neck, ear, hat or glasses classes (hair or a hat brim inside the
