@@ -10,12 +10,11 @@ code) opens it with :meth:`Run.open`::
     k = run.k_for_threshold(0.8)   # the paper's φ*
     run.generator, run.params, run.layers, run.latents, run.transform
 
-A trajectory is a list of merge records, one per step, K0 first
-(:class:`gansem.cluster.klish.MergeRecord`: ``k, W, b, iou, ecos, p, q, sizes, ...``).
-The functions here read records by attribute and accept plain dicts with the same
-keys too (:func:`record_field`), so records returned by
-:func:`gansem.cluster.klish.run_klish` and records loaded from a run directory work
-alike.
+A trajectory is a list of merge records, one per step, K0 first: the
+:class:`gansem.cluster.klish.MergeRecord` that the merge loop yields, that
+:func:`gansem.cluster.klish.run_klish` returns and that
+:func:`gansem.checkpoint.load_trajectory` reads back (``k, W, b, iou, ecos, p, q,
+sizes, ...``), so the functions here serve research code and run directories alike.
 
 The generator is loaded through :func:`gansem.zoo.load_generator` with the run's
 generation settings applied (:meth:`gansem.generators.Generator.with_settings`), and
@@ -28,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -40,39 +38,19 @@ from .generators.base import FeatureLayer, Generator
 __all__ = [
     "Run",
     "RunError",
-    "record_field",
     "trajectory_ks",
     "classifier_at",
     "k_for_threshold",
     "jsonable",
 ]
 
-_MISSING = object()
-
-
 class RunError(ValueError):
     """A run directory or trajectory cannot answer the request (not a run, K not in it, φ* never reached...)."""
 
 
-def record_field(rec, name: str, default: Any = _MISSING):
-    """Field ``name`` of a merge record: attribute access (``MergeRecord``) or key access (dict).
-
-    Args:
-        default: returned when the record has no such field (a ``KeyError`` /
-            ``AttributeError`` otherwise).
-    """
-    if isinstance(rec, Mapping):
-        if name in rec or default is _MISSING:
-            return rec[name]
-        return default
-    if default is _MISSING:
-        return getattr(rec, name)
-    return getattr(rec, name, default)
-
-
 def trajectory_ks(trajectory: Sequence) -> list[int]:
     """K of every record, in trajectory order."""
-    return [int(record_field(r, "k")) for r in trajectory]
+    return [r.k for r in trajectory]
 
 
 def classifier_at(trajectory: Sequence, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -82,8 +60,8 @@ def classifier_at(trajectory: Sequence, k: int) -> tuple[np.ndarray, np.ndarray]
         RunError: no record has ``k`` clusters (the message gives the available range).
     """
     for rec in trajectory:
-        if int(record_field(rec, "k")) == int(k):
-            return np.asarray(record_field(rec, "W")), np.asarray(record_field(rec, "b"))
+        if rec.k == int(k):
+            return np.asarray(rec.W), np.asarray(rec.b)
     ks = sorted(set(trajectory_ks(trajectory)))
     if not ks:
         raise RunError(f"K={k}: the trajectory is empty")
@@ -102,11 +80,11 @@ def k_for_threshold(trajectory: Sequence, phi: float) -> int:
     Raises:
         RunError: no K reaches ``phi`` (the message gives the best minimum IoU).
     """
-    trajectory = [r for r in trajectory if int(record_field(r, "k")) > 1]
-    for rec in sorted(trajectory, key=lambda r: -int(record_field(r, "k"))):
-        if float(np.min(record_field(rec, "iou"))) >= phi:
-            return int(record_field(rec, "k"))
-    best = max((float(np.min(record_field(r, "iou"))) for r in trajectory), default=float("nan"))
+    trajectory = [r for r in trajectory if r.k > 1]
+    for rec in sorted(trajectory, key=lambda r: -r.k):
+        if float(np.min(rec.iou)) >= phi:
+            return rec.k
+    best = max((float(np.min(r.iou)) for r in trajectory), default=float("nan"))
     raise RunError(
         f"the minimum IoU never reaches φ*={phi} in this trajectory (best {best:.3f}); choose a lower --threshold"
     )
@@ -114,7 +92,7 @@ def k_for_threshold(trajectory: Sequence, phi: float) -> int:
 
 def jsonable(obj):
     """``obj`` with numpy/JAX scalars and arrays turned into Python numbers and lists (for ``json.dump``)."""
-    if isinstance(obj, Mapping):
+    if isinstance(obj, dict):
         return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [jsonable(v) for v in obj]

@@ -1,4 +1,4 @@
-"""The run object's trajectory helpers (MergeRecords and dicts alike) and generator settings."""
+"""The run object's trajectory helpers and generator settings."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ from gansem.cluster.klish import MergeRecord
 from gansem.generators import GeneratorError
 from gansem.generators.dcgan import DCGAN
 from gansem.generators.stylegan2 import StyleGAN2
-from gansem.run import RunError, classifier_at, jsonable, k_for_threshold, record_field, trajectory_ks
+from gansem.run import RunError, classifier_at, jsonable, k_for_threshold, trajectory_ks
 from gansem.segment import SegmentError
 from gansem.segment import classifier_at as seg_classifier_at
 
@@ -23,17 +23,13 @@ def _records(d=3):
     return out
 
 
-@pytest.mark.parametrize("as_dict", [False, True])
-def test_trajectory_helpers_read_merge_records_and_dicts(as_dict):
+def test_trajectory_helpers_read_merge_records():
     traj = _records()
-    if as_dict:
-        traj = [r._asdict() for r in traj]
     assert trajectory_ks(traj) == [4, 3, 2]
     W, b = seg_classifier_at(traj, 3)  # segment's API is the run's
     assert W.shape == (3, 3) and b.shape == (3,)
-    np.testing.assert_array_equal(W, record_field(traj[1], "W"))
+    np.testing.assert_array_equal(W, traj[1].W)
     assert k_for_threshold(traj, 0.5) == 3 and k_for_threshold(traj, 0.1) == 4
-    assert record_field(traj[0], "no_such_field", -1) == -1
     with pytest.raises(SegmentError, match="not in the trajectory"):
         classifier_at(traj, 7)
     with pytest.raises(RunError, match="never reaches"):
