@@ -19,7 +19,7 @@ if ROOT not in sys.path:
 
 from gansem import sharding  # noqa: E402
 
-__all__ = ["ROOT", "USER_ERRORS", "fail", "setup_devices", "user_errors"]
+__all__ = ["ROOT", "USER_ERRORS", "fail", "setup_devices", "user_errors", "add_output_args", "parse_with_devices"]
 
 #: Exceptions that mean "the request cannot be done as asked": printed as one line, exit status 2.
 #: gansem's own errors (GeneratorError, RunError, EvaluationError, ConfigError, CheckpointError) are ValueErrors.
@@ -49,3 +49,18 @@ def user_errors(fn: Callable[..., int]) -> Callable[..., int]:
             return fail(e)
 
     return wrapped
+
+
+def add_output_args(p, devices_help: str, out_help: str, quiet: bool = True) -> None:
+    """The flags every launch script shares: ``--devices``, ``--out``, ``--no-progress`` (and ``--quiet``)."""
+    p.add_argument("--devices", type=int, default=None, help=devices_help)
+    p.add_argument("--out", default=None, help=out_help)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if quiet:
+        p.add_argument("--quiet", action="store_true", help="no log lines")
+
+
+def parse_with_devices(parser, argv):
+    """``(args, status)``: parsed flags, and an exit status if ``--devices`` cannot be set up (else ``None``)."""
+    args = parser.parse_args(argv)
+    return args, setup_devices(args.devices)

@@ -99,20 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kmeans-iters", type=int, default=20, help="maximum Lloyd iterations of the K-means baselines")
     p.add_argument("--batch-size", type=int, default=8, help="generator batch size of the evaluation pass")
     p.add_argument("--num-vis", type=int, default=4, help="samples shown in the cluster-map figures")
-    p.add_argument("--devices", type=int, default=None,
-                   help="devices for fitting the baselines and for the generator batches (split over the "
-                        "devices, same results on any count dividing 8; N simulated CPU devices if fewer exist); "
-                        "default: all devices for the baselines, one for the batches")
-    p.add_argument("--out", default=None, help="output folder (default: RUN/eval)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--quiet", action="store_true", help="no log lines")
+    _common.add_output_args(
+        p, devices_help="devices for fitting the baselines and for the generator batches (split over the devices, "
+                        "same results on any count dividing 8; N simulated CPU devices if fewer exist); default: all "
+                        "devices for the baselines, one for the batches",
+        out_help="output folder (default: RUN/eval)")
     return p
 
 
 @_common.user_errors
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    status = _common.setup_devices(args.devices)
+    args, status = _common.parse_with_devices(build_parser(), argv)
     if status:
         return status
     out = args.out or os.path.join(args.run, "eval")

@@ -66,8 +66,7 @@ def _check_out(path: str):
 
 @_common.user_errors
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    status = _common.setup_devices(args.devices)
+    args, status = _common.parse_with_devices(build_parser(), argv)
     if status:
         return status
     err = _check_out(args.out)  # before any work: a run of many samples must not fail at the very end

@@ -59,19 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-label", type=int, default=None,
                    help="reference label value to leave out ('faces' sets 255 itself)")
     p.add_argument("--batch-size", type=int, default=8, help="generator batch size")
-    p.add_argument("--devices", type=int, default=None,
-                   help="devices to shard the training pixels and the generator batches over (default: all "
-                        "devices for the pixels, one for the batches)")
-    p.add_argument("--out", default=None, help="output folder (default: RUN/separability or ./separability)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--quiet", action="store_true", help="no log lines")
+    _common.add_output_args(
+        p, devices_help="devices to shard the training pixels and the generator batches over (default: all devices "
+                        "for the pixels, one for the batches)",
+        out_help="output folder (default: RUN/separability or ./separability)")
     return p
 
 
 @_common.user_errors
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    status = _common.setup_devices(args.devices)
+    args, status = _common.parse_with_devices(build_parser(), argv)
     if status:
         return status
     out = args.out or (os.path.join(args.run, "separability") if args.run else "separability")
