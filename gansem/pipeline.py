@@ -379,9 +379,11 @@ def _local_features(gen, params, layers, latents, class_labels, config, mesh, la
     start, stop = sharding.local_row_range(mesh, layout)
     per_image = config.resolution ** 2
     i0, i1 = start // per_image, -(-stop // per_image)
+    # Batches split over this process's devices with a fixed micro-batch program: every sample's
+    # features have the same bits on any device count and process split.
     _, feats = extract_features(gen, params, latents[i0:i1], layers, config.resolution,
                                 None if class_labels is None else class_labels[i0:i1],
-                                batch_size=config.batch_size, progress=progress)
+                                batch_size=config.batch_size, progress=progress, mesh=sharding.local_mesh(mesh))
     if not np.all(np.isfinite(feats)):
         bad = int((~np.isfinite(feats)).any(axis=(1, 2, 3)).sum())
         raise ConfigError(
