@@ -373,17 +373,20 @@ def _local_features(gen, params, layers, latents, class_labels, config, mesh, la
     """Raw features ``[stop - start, D]`` of the pixels held by this process's devices, and ``start``.
 
     Pixels are ordered image by image, so the rows ``[start, stop)`` belong to the images
-    ``start // R² .. (stop - 1) // R²``: only those are generated here (with one process,
-    all of them).
+    ``start // R² .. (stop - 1) // R²``: only those (rounded out to whole batches) are
+    generated here; with one process, all of them.
     """
     start, stop = sharding.local_row_range(mesh, layout)
     per_image = config.resolution ** 2
-    i0, i1 = start // per_image, -(-stop // per_image)
-    # Batches split over this process's devices with a fixed micro-batch program: every sample's
-    # features have the same bits on any device count and process split.
+    # Whole batches of the global sequence of images, each one call of one compiled program (a
+    # sample's bits depend on the shape of the call it is computed in, not on the other samples in
+    # it): every process cuts the images where one process would, so the features are the same.
+    bs = config.batch_size
+    i0 = start // per_image // bs * bs
+    i1 = min(config.num_images, -(-(-(-stop // per_image)) // bs) * bs)
     _, feats = extract_features(gen, params, latents[i0:i1], layers, config.resolution,
                                 None if class_labels is None else class_labels[i0:i1],
-                                batch_size=config.batch_size, progress=progress, mesh=sharding.local_mesh(mesh))
+                                batch_size=bs, progress=progress)
     if not np.all(np.isfinite(feats)):
         bad = int((~np.isfinite(feats)).any(axis=(1, 2, 3)).sum())
         raise ConfigError(

@@ -52,7 +52,6 @@ __all__ = [
     "RowData",
     "place_rows",
     "local_row_range",
-    "local_mesh",
     "initialize_distributed",
     "barrier",
 ]
@@ -182,12 +181,6 @@ def _multiprocess_mesh(n: int):
         raise DeviceError(f"{n} devices over {procs} processes needs {per} per process, but process {short[0]} has "
                           f"{len(by_proc[short[0]])}; ask for fewer devices (or simulate more per process)")
     devices = [d for ds in by_proc for d in sorted(ds, key=lambda d: d.id)[:per]]
-    return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
-
-
-def local_mesh(mesh):
-    """The mesh of this process's devices of ``mesh`` (all of it with one process), for per-process work."""
-    devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 

@@ -224,8 +224,7 @@ def evaluate_run(run_dir: Union[str, Run], labels, ks: Sequence[int], baselines:
              quiet)
         _, feats = extract_features(gen, params, run_latents, layers, cfg["resolution"], run.class_labels,
                                     batch_size=cfg.get("batch_size", 16), progress=progress,
-                                    desc="clustering features",
-                                    mesh=batch_mesh or sharding.make_mesh(1))  # the run's bits (micro-batches)
+                                    desc="clustering features", mesh=batch_mesh)
         x_host = feats.reshape(-1, dim)
         del feats
         # Baselines cluster in the run's clustering space (layer balance, PCA), like KLiSH itself.
