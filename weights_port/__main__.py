@@ -5,6 +5,12 @@ import json
 import os
 import sys
 
+from gansem.generators.base import GeneratorError, save_checkpoint
+
+from .convert import convert_file, inspect_file, sha256
+from .dcgan import bundled_weights_path
+from .errors import CheckpointError
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
@@ -26,15 +32,10 @@ def main(argv=None) -> int:
     i.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(argv)
 
-    from gansem.generators.base import GeneratorError, save_checkpoint
 
-    from .convert import convert_file, inspect_file, sha256
-    from .errors import CheckpointError
 
     src = args.src
     if src == "dcgan-digiface":
-        from .dcgan import bundled_weights_path
-
         try:
             src = bundled_weights_path()
         except CheckpointError as e:

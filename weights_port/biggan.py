@@ -34,9 +34,14 @@ import re
 import zipfile
 from typing import Any, Mapping, Optional
 
+import jax
 import numpy as np
 
+from gansem.generators.base import GeneratorError
+from gansem.generators.biggan import BIGGAN_DEEP_CONFIGS, BigGANDeep
+
 from .errors import CheckpointError, short_repr
+from .torch_reader import load_torch_file
 
 __all__ = [
     "FAMILIES",
@@ -113,8 +118,6 @@ def _plan(gen):
 
 
 def _gansem_shapes(gen) -> dict:
-    import jax
-
     abstract = jax.eval_shape(gen.init_params, jax.random.key(0))["params"]
 
     def get(path):
@@ -155,14 +158,10 @@ def torch_shapes(gen) -> dict[str, tuple]:
 
 def generator_from_config(config: Mapping[str, Any], truncation: float = 1.0):
     """``BigGANConfig`` dict (``config.json``) → :class:`~gansem.generators.biggan.BigGANDeep`."""
-    from gansem.generators.base import GeneratorError
-    from gansem.generators.biggan import BigGANDeep
 
     cfg = dict(_CONFIG_DEFAULTS)
     cfg.update(config)
     if cfg["layers"] is None:
-        from gansem.generators.biggan import BIGGAN_DEEP_CONFIGS
-
         cfg["layers"] = BIGGAN_DEEP_CONFIGS[128]["layers"]
     try:
         layers = tuple((bool(l[0]), int(l[1]), int(l[2])) for l in cfg["layers"])
@@ -189,7 +188,6 @@ def generator_from_config(config: Mapping[str, Any], truncation: float = 1.0):
 
 def _infer_published(sd: Mapping):
     """The published config whose state dict this is, or None."""
-    from gansem.generators.biggan import BIGGAN_DEEP_CONFIGS, BigGANDeep
 
     mods = {int(m.group(1)) for k in sd for m in [_LAYER_KEY.match(k)] if m}
     for res, cfg in BIGGAN_DEEP_CONFIGS.items():
@@ -389,7 +387,6 @@ def _paths(path: str) -> tuple[str, Optional[str]]:
 
 def load(path: str):
     """Read a checkpoint without converting: ``(kind, state_dict, config dict or None, config path)``."""
-    from .torch_reader import load_torch_file
 
     weights = _paths(path)[0]
     kind = "torch-zip" if zipfile.is_zipfile(weights) else "torch-legacy"

@@ -10,10 +10,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import inspect
 import os
 from typing import Optional
 
+from gansem.generators.base import GeneratorError
+
 from .errors import CheckpointError
+from .torch_reader import load_any
 
 __all__ = ["CONVERTERS", "read_checkpoint", "find_converter", "inspect_file", "convert_file", "sha256"]
 
@@ -44,7 +48,6 @@ def sha256(path: str, chunk: int = 1 << 20) -> str:
 
 def read_checkpoint(path: str):
     """``(kind, obj)`` for a checkpoint file (or a BigGAN directory holding pytorch_model.bin + config.json)."""
-    from .torch_reader import load_any
 
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "generator.json")):
@@ -59,7 +62,6 @@ def read_checkpoint(path: str):
 
 def _call(fn, kind, obj, path):
     """Call a converter hook, passing ``path`` to hooks that need sibling files (BigGAN's config.json)."""
-    import inspect
 
     if "path" in inspect.signature(fn).parameters:
         return fn(kind, obj, path=path)
@@ -90,7 +92,6 @@ def find_converter(kind: str, obj, family: Optional[str] = None, path: str = "?"
 def _naming(path: str):
     """Converter errors name the file: `CheckpointError`s, and the `GeneratorError` of a config the generator
     refuses, leave as `CheckpointError`s that start with ``path``."""
-    from gansem.generators.base import GeneratorError
 
     try:
         yield

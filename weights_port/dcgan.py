@@ -14,6 +14,9 @@ import re
 
 import numpy as np
 
+from gansem.generators.base import GeneratorError, check_params
+from gansem.generators.dcgan import DCGAN
+
 from .errors import CheckpointError, short_repr
 
 __all__ = ["FAMILIES", "matches", "describe", "convert", "bundled_weights_path", "BUNDLED_SHA256"]
@@ -67,8 +70,6 @@ def _layout(sd):
 
 def _generator(sd):
     """``(DCGAN, ConvTranspose2d module indices)`` for a state dict whose keys, values and sizes check out."""
-    from gansem.generators.base import GeneratorError
-    from gansem.generators.dcgan import DCGAN
 
     if sd is None:
         raise CheckpointError("expected a DCGAN state dict (or {'netG_state_dict': ...})")
@@ -116,7 +117,6 @@ def convert(kind: str, obj):
             except KeyError as e:
                 raise CheckpointError(f"DCGAN state dict: missing BatchNorm tensor {e.args[0]!r}") from None
     params = {"params": params}
-    from gansem.generators.base import check_params
 
     try:
         check_params(gen, params, where="DCGAN state dict")

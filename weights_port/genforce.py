@@ -30,6 +30,10 @@ import re
 
 import numpy as np
 
+from gansem.generators.base import GeneratorError
+from gansem.generators.pggan import PGGAN
+from gansem.generators.stylegan import StyleGAN
+
 from .errors import CheckpointError, short_repr
 
 __all__ = ["FAMILIES", "matches", "describe", "convert", "detect_variant"]
@@ -147,7 +151,6 @@ def _indices(sd, pattern):
 
 def _generator(cls, layout: dict):
     """``cls(**layout)``; a layout the generator refuses becomes a `CheckpointError`."""
-    from gansem.generators.base import GeneratorError
 
     try:
         return cls(**layout)
@@ -213,8 +216,6 @@ def _pggan_layout(sd):
 
 
 def _convert_pggan(sd):
-    from gansem.generators.pggan import PGGAN
-
     _check_lod(sd, "lod")
     gen = _generator(PGGAN, _pggan_layout(sd))
     ch, p = gen.channels, {}
@@ -272,8 +273,6 @@ def _blur_kernel(c):
 
 
 def _convert_stylegan(sd):
-    from gansem.generators.stylegan import StyleGAN
-
     _check_lod(sd, "synthesis.lod")
     gen = _generator(StyleGAN, _stylegan_layout(sd))
     mapping = {}
@@ -335,8 +334,6 @@ def _warnings(entry):
 
 def describe(kind: str, obj) -> dict:
     """Family, resolution and sizes of a genforce checkpoint, without converting it."""
-    from gansem.generators.pggan import PGGAN
-    from gansem.generators.stylegan import StyleGAN
 
     sd, entry, variant = _checked_variant(kind, obj)
     layout = _pggan_layout(sd) if variant == "pggan" else _stylegan_layout(sd)

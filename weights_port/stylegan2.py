@@ -13,7 +13,6 @@ Two source formats produce the same parameter tree:
 * **rosinality** ``.pt`` (``torch.save({'g_ema': state_dict, 'latent_avg': [512], ...})`` of
   ``rosinality/stylegan2-pytorch``; a bare ``g_ema`` state dict also works), read with
   :func:`weights_port.torch_reader.load_torch_file`. Mapping (dvschultz's table):
-
   ============================================  =====================================
   rosinality                                    gansem (NVIDIA name)
   ============================================  =====================================
@@ -46,7 +45,11 @@ import numbers
 import re
 from typing import Any, Mapping
 
+import jax
 import numpy as np
+
+from gansem.generators.base import GeneratorError, MAX_RESOLUTION, flatten_params, unflatten_params
+from gansem.generators.stylegan2 import StyleGAN2, nvidia_name
 
 from .errors import CheckpointError, short_repr
 from .torch_reader import LazyArray, PersistentObject
@@ -235,8 +238,6 @@ def nvidia_generator_config(g) -> tuple[dict, dict]:
 
 def _generator(fields: dict, where: str):
     """``StyleGAN2(**fields)``; a config it refuses becomes a `CheckpointError` saying where it came from."""
-    from gansem.generators.base import GeneratorError
-    from gansem.generators.stylegan2 import StyleGAN2
 
     try:
         return StyleGAN2(**fields)
@@ -313,7 +314,6 @@ def rosinality_generator_config(sd) -> dict:
     convs = _ros_count(sd, r"^convs\.(\d{1,6})\.conv\.weight$")
     if convs != list(range(len(convs))) or len(convs) % 2:
         raise CheckpointError(f"rosinality checkpoint: convs.{{0..2k-1}} expected, found indices {convs[:20]}")
-    from gansem.generators.base import MAX_RESOLUTION
 
     if 4 << len(convs) // 2 > MAX_RESOLUTION:
         raise CheckpointError(f"rosinality checkpoint: {len(convs)} synthesis convs make a generator of more than "
@@ -457,15 +457,11 @@ def _filter_np(gen) -> np.ndarray:
 
 
 def _nvidia_key(flat: str) -> str:
-    from gansem.generators.stylegan2 import nvidia_name
-
     return nvidia_name(flat)
 
 
 def _expected_shapes(gen) -> dict:
-    import jax
 
-    from gansem.generators.base import flatten_params
 
     tree = jax.eval_shape(gen.init_params, jax.random.key(0))
     return {k: tuple(v.shape) for k, v in flatten_params(tree, as_numpy=False).items()}
@@ -473,7 +469,6 @@ def _expected_shapes(gen) -> dict:
 
 def _fill(gen, fetch, key_of, where, shape_name=None) -> dict:
     """Build the nested float32 param tree, one array at a time, checking every shape."""
-    from gansem.generators.base import unflatten_params
 
     flat = {}
     for name, shape in _expected_shapes(gen).items():
