@@ -52,6 +52,8 @@ __all__ = [
     "RowData",
     "place_rows",
     "local_row_range",
+    "solve_device",
+    "local_copy",
     "initialize_distributed",
     "barrier",
 ]
@@ -182,6 +184,23 @@ def _multiprocess_mesh(n: int):
                           f"{len(by_proc[short[0]])}; ask for fewer devices (or simulate more per process)")
     devices = [d for ds in by_proc for d in sorted(ds, key=lambda d: d.id)[:per]]
     return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def solve_device(mesh):
+    """This process's first device on ``mesh``: where it solves small problems that every process holds.
+
+    Small replicated problems (the SVMs' working sets) are solved there by each process on
+    its own copy, with no collective, by the same single-device program whatever the number
+    of devices (the same program run replicated on all devices of one process gave other
+    bits on the CPU backend).
+    """
+    return next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+
+
+def local_copy(array, device):
+    """This process's copy of a replicated ``array``, on ``device`` (one of its own devices)."""
+    shard = next((s.data for s in array.addressable_shards if s.device == device), None)
+    return jax.device_put(array.addressable_data(0) if shard is None else shard, device)
 
 
 def row_sharding(mesh):

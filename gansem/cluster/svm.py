@@ -24,8 +24,8 @@ with ``y_ik = +1`` if row i is labelled k, else -1. Two entry points solve it:
      the working set is active the reduced solution is the full one, otherwise
      the set grows and the solve continues.
   3. *Reduced solve* (:mod:`gansem.cluster.svm_reduced`): Hessian-preconditioned
-     L-BFGS (``solver="lbfgs"``) or primal finite Newton (``solver="newton"``),
-     replicated on the mesh.
+     L-BFGS (``solver="lbfgs"``) or primal finite Newton (``solver="newton"``), by
+     every process on its first device (the same problem, where its data are).
 
   ``solver="joint"`` runs :func:`fit_ovr_svm` from the driver (no working sets,
   no preconditioning, no start rescaling): the slow reference procedure.
@@ -42,8 +42,10 @@ Per-class iterations, flags, gradient norms and reasons are returned.
 
 Devices and processes. Passes over all rows use :func:`gansem.sharding.row_reduce`
 / ``row_map`` (fixed chunk shapes, ordered sums); working sets are selected with
-exact integer counts and gathered as exact copies; reduced problems run
-replicated, the same program on every device. Every decision the host takes
+exact integer counts and gathered as exact copies; reduced problems run on the
+first device of each process, the same single-device program whatever the device
+count (run replicated on all devices of one process at once, the same program
+gave other bits on the CPU backend at full scale). Every decision the host takes
 comes from such replicated values, so results are bit-identical on any device
 count dividing the layout's chunk count, and no process ever reads rows that its
 devices do not hold.
@@ -422,7 +424,10 @@ def _solve_class(data, labels, j, c, starts: _Starts, scale, cfg: _Settings) -> 
     """Steps 2 and 3 for class ``c`` (column ``j`` of the starts): working-set rounds until exact."""
     rep = sharding.replicated(data.mesh)
     put = lambda a: jax.device_put(a, rep)  # noqa: E731
-    scale_r, tol_r, gtol_r = put(np.float32(scale)), put(np.float32(cfg.tol)), put(np.float32(starts.grad_tol[j]))
+    # Reduced problems are solved by every process on its first device (sharding.solve_device).
+    dev = sharding.solve_device(data.mesh)
+    sput = lambda a: jax.device_put(a, dev)  # noqa: E731
+    scale_r, tol_r, gtol_r = sput(np.float32(scale)), sput(np.float32(cfg.tol)), sput(np.float32(starts.grad_tol[j]))
     threshold, c32 = np.float32(1.0 + cfg.ws_margin), np.int32(c)
     member, size = ws.first_working_set(data, starts.scores, np.int32(j), labels, c32, starts.near, threshold,
                                         np.int32(cfg.min_rows))
@@ -430,9 +435,10 @@ def _solve_class(data, labels, j, c, starts: _Starts, scale, cfg: _Settings) -> 
     used, code, gn, ok, builds, rows = 0, _MAX_ITER, np.inf, False, 0, 0
     for _ in range(cfg.max_rounds):
         rows = int(size)
-        X, y = ws.gather_working_set(data, labels, member, c32, cap=bucket(rows))
+        gathered = ws.gather_working_set(data, labels, member, c32, cap=bucket(rows))
+        X, y = (sharding.local_copy(a, dev) for a in gathered)
         t_dbg = time.perf_counter() if _DEBUG else 0.0
-        red = solve_reduced(cfg.solver, X, y, put(v), scale_r, tol_r, gtol_r, cfg.max_iter - used,
+        red = solve_reduced(cfg.solver, X, y, sput(v), scale_r, tol_r, gtol_r, cfg.max_iter - used,
                             history_size=cfg.history_size, refresh_every=cfg.refresh_every)
         used += red.n_iter
         builds += red.hessian_builds
@@ -441,7 +447,7 @@ def _solve_class(data, labels, j, c, starts: _Starts, scale, cfg: _Settings) -> 
             print(f"[svm] class {c} round rows={rows} cap={X.shape[0]} iters={red.n_iter} code={code} "
                   f"gn={gn:.2e} hess={red.hessian_builds} t={time.perf_counter() - t_dbg:.3f}s", flush=True)
         v = np.asarray(red.v)
-        violated, grown, size = ws.next_working_set(data, labels, member, red.v, c32, threshold,
+        violated, grown, size = ws.next_working_set(data, labels, member, put(v), c32, threshold,
                                                     np.int32(cfg.min_rows))
         if not bool(violated):  # no active row outside the working set: the full problem's solution
             ok = code == _WEIGHT_CHANGE or (code == _LS_FAILED and gn <= starts.grad_tol[j])
