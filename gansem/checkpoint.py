@@ -192,8 +192,11 @@ class RunCheckpoints:
 
     def load_record(self, step: int) -> dict:
         """The merge record of ``step``; :class:`CorruptCheckpointError` if it does not load."""
-        arrays, meta = self._restore_arrays(self._traj, "trajectory", step, "record")
-        return {**meta, **arrays}
+        r = self._restore(self._traj, "trajectory", step, record=ocp.args.StandardRestore(),
+                          meta=ocp.args.JsonRestore())  # records are host arrays: no target needed
+        meta = dict(r["meta"])
+        meta.pop(_SHAPES, None)
+        return {**meta, **{k: np.asarray(v) for k, v in r["record"].items()}}
 
     def resume_point(self, log: Optional[Callable[[str], None]] = None) -> Optional[tuple[int, dict, dict]]:
         """The state to resume from: ``(step, arrays, meta)``, or ``None`` when no state was saved yet.

@@ -284,7 +284,7 @@ def run_klish_job(config: KlishJobConfig, run_dir: str, devices: Optional[int] =
              f"for {n_dev} device(s); padding is masked out of every statistic", quiet)
     holdout = None
     if config.holdout:
-        holdout = data.place(lambda a, b: heldout_rows(config.num_images, config.resolution)[a:b])
+        holdout = data.place(lambda a, b: heldout_rows(config.resolution, a, b))
     _log(f"{config.num_images} images × {config.resolution}² = {npix} pixels × {transform.dim} features "
          f"on {n_dev} {jax.default_backend()} device(s)"
          + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
@@ -397,9 +397,9 @@ def _local_features(gen, params, layers, latents, class_labels, config, mesh, la
     return x[start - i0 * per_image: stop - i0 * per_image], start
 
 
-def heldout_rows(num_images: int, resolution: int) -> np.ndarray:
-    """``[num_images * resolution²] float32``: 1 on the pixels of odd-numbered images (held out), else 0."""
-    return np.repeat((np.arange(num_images) % 2 == 1).astype(np.float32), resolution * resolution)
+def heldout_rows(resolution: int, start: int, stop: int) -> np.ndarray:
+    """``[stop - start] float32`` for the pixel rows ``[start, stop)``: 1 on odd-numbered images (held out), else 0."""
+    return ((np.arange(start, stop) // (resolution * resolution)) % 2 == 1).astype(np.float32)
 
 
 def clustering_transform(run_dir: str, raw: sharding.RowData, layers, config: KlishJobConfig, *,
@@ -423,12 +423,11 @@ def _k(state) -> int:
 def _state_from_saved(arrays: dict, data: sharding.RowData) -> K.KlishState:
     """Rebuild a :class:`KlishState` saved by :class:`RunCheckpoints`, placed like ``data``.
 
-    Labels are re-padded if the saved padding differs (another device count).
+    Labels are read back as host arrays and placed again, so the saved padding (another
+    device count) does not matter.
     """
-    labels = arrays["labels"]
-    if getattr(labels, "shape", (None,))[0] != data.padded_rows or not isinstance(labels, jax.Array):
-        host = np.asarray(labels, np.int32)[: data.num_rows]
-        labels = data.place(lambda a, b: host[a:b])
+    host = np.asarray(arrays["labels"], np.int32)[: data.num_rows]  # saved padding may differ
+    labels = data.place(lambda a, b: host[a:b])
     rep = sharding.replicated(data.mesh)
     put = lambda name, dtype: jax.device_put(np.asarray(arrays[name], dtype), rep)  # noqa: E731
     return K.KlishState(W=put("W", np.float32), b=put("b", np.float32), labels=labels,

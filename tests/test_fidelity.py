@@ -72,8 +72,9 @@ def test_bad_transform_arguments(rng):
 
 
 def test_heldout_rows_mark_the_odd_images():
-    m = heldout_rows(4, 2)
+    m = heldout_rows(2, 0, 16)  # 4 images at 2²
     np.testing.assert_array_equal(m, [0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1])
+    np.testing.assert_array_equal(heldout_rows(2, 3, 9), m[3:9])  # any range of rows, as a process places it
 
 
 def _blobs(rng, n_per=60):
