@@ -36,6 +36,7 @@ from gansem.ufgs.dataset import shard_inputs, write_dataset
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "launch", "make_dataset.py")
 N, SHARD, BATCH = 10, 4, 4  # 3 shards: 4 + 4 + 2 pairs
+REF = dict(num_samples=N, seed=5, shard_size=SHARD, batch_size=BATCH, progress=False, quiet=True)  # the reference
 
 
 def _record(k, W, b):
@@ -77,8 +78,7 @@ def written(tiny_run, tmp_path_factory):
     run_dir, _ = tiny_run
     seg = Segmenter.from_run(run_dir, k=3, mesh=sharding.make_mesh(8))
     out = str(tmp_path_factory.mktemp("ufgs_data") / "d8")
-    summary = write_dataset(seg, out, num_samples=N, seed=5, shard_size=SHARD, batch_size=BATCH, progress=False,
-                            run_info={"run_dir": run_dir})
+    summary = write_dataset(seg, out, **REF, run_info={"run_dir": run_dir})
     return out, seg, summary
 
 
@@ -193,6 +193,7 @@ def test_written_pairs_are_the_segmenters_masks(written):
     np.testing.assert_array_equal(np.stack([it["image"] for it in items]), ref["images"])
     np.testing.assert_array_equal(np.stack([it["label"] for it in items]), ref["labels"])
     assert [it["index"] for it in items] == list(range(N))
+    assert set(items[0]) == {"image", "label", "latent", "index"}  # no class label: unconditional generator
     assert len(np.unique(ref["labels"])) == 3  # a real segmentation, not a constant mask
     # the same through grain, shuffled and batched
     pipe = grain.MapDataset.source(ds).shuffle(seed=0).batch(4)
@@ -210,11 +211,11 @@ def test_one_device_two_devices_and_a_smaller_n_give_the_same_records(written, t
     run_dir, _ = tiny_run
     one = Segmenter.from_run(run_dir, k=3)  # no mesh: the writer uses one device
     out1 = str(tmp_path / "d1")
-    write_dataset(one, out1, num_samples=N, seed=5, shard_size=SHARD, batch_size=BATCH, progress=False)
+    write_dataset(one, out1, **REF)
     assert _shard_hashes(out1) == _shard_hashes(out8)  # byte-identical shard files
     two = Segmenter.from_run(run_dir, k=3, mesh=sharding.make_mesh(2))
     out2 = str(tmp_path / "d2")
-    write_dataset(two, out2, num_samples=6, seed=5, shard_size=SHARD, batch_size=BATCH, progress=False)
+    write_dataset(two, out2, num_samples=6, seed=5, shard_size=SHARD, batch_size=BATCH, progress=False, quiet=True)
     assert _raw_records(out2) == _raw_records(out8)[:6]  # a prefix: samples do not depend on N
     gen = seg8.generator
     a, b, c = (shard_inputs(gen, seed, s, SHARD)[0] for seed, s in ((5, 0), (6, 0), (5, 1)))
@@ -230,12 +231,33 @@ def test_labels_above_256_classes_are_written_as_16_bit(tiny_run, tmp_path):
     W[ids], b[ids] = base.W, base.b
     seg = Segmenter(base.generator, base.params, base.layers, W, b, 300)
     out = str(tmp_path / "k300")
-    write_dataset(seg, out, num_samples=3, seed=0, shard_size=2, batch_size=8, progress=False)
+    write_dataset(seg, out, num_samples=3, seed=0, shard_size=2, batch_size=8, progress=False, quiet=True)
     ds = R.open_dataset(out)
     assert ds.meta["label_bits"] == 16 and ds.palette.shape == (300, 3)
     ref = ids[base.segment_latents(shard_inputs(gen, 0, 0, 2)[0], batch_size=8)["labels"]]
     assert ref.max() == 299
     np.testing.assert_array_equal(np.stack([ds[0]["label"], ds[1]["label"]]), ref)
+
+
+class _ClassConditionalBands(syn.SyntheticBands):
+    """The synthetic generator made to draw class labels (the images ignore them): the conditional path."""
+
+    @property
+    def num_classes(self) -> int:
+        return 5
+
+
+def test_class_conditional_generators_store_the_class_labels(tiny_run, tmp_path):
+    run_dir, gen = tiny_run
+    base = Segmenter.from_run(run_dir, k=3)
+    cond = _ClassConditionalBands(**gen.to_config())
+    seg = Segmenter(cond, base.params, base.layers, base.W, base.b, 3)
+    out = str(tmp_path / "cond")
+    write_dataset(seg, out, num_samples=3, seed=0, shard_size=2, batch_size=8, progress=False, quiet=True)
+    ds = R.open_dataset(out)
+    classes = np.concatenate([shard_inputs(cond, 0, s, 2)[1][:c] for s, c in ((0, 2), (1, 1))])
+    assert ds.meta["class_conditional"] is True and len(set(classes.tolist())) > 1
+    assert [ds[i]["class_label"] for i in range(3)] == classes.tolist()
 
 
 # -- resuming --------------------------------------------------------------------------------------
@@ -256,9 +278,9 @@ def test_resume_rewrites_only_unfinished_or_damaged_shards(written, tmp_path):
     with pytest.raises(R.DatasetError, match=r"incomplete \(1 of 3 shards finished\).*--resume"):
         R.open_dataset(d)
     with pytest.raises(R.DatasetError, match="not empty; use --resume"):
-        write_dataset(seg, d, num_samples=N, seed=5, shard_size=SHARD, batch_size=BATCH, progress=False)
+        write_dataset(seg, d, **REF)
     stat0 = os.stat(files[0])
-    s = write_dataset(seg, d, num_samples=N, seed=5, shard_size=SHARD, batch_size=BATCH, progress=False, resume=True)
+    s = write_dataset(seg, d, **REF, resume=True)
     assert (s["written"], s["shards_written"], s["shards_kept"]) == (6, 2, 1)
     assert _shard_hashes(d) == ref and not os.path.exists(files[2] + ".tmp")
     assert os.stat(files[0]).st_mtime_ns == stat0.st_mtime_ns  # the finished shard was kept, not rewritten
@@ -271,14 +293,14 @@ def test_resume_rewrites_only_unfinished_or_damaged_shards(written, tmp_path):
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(R.DatasetError, match="does not match its SHA-256"):
         R.open_dataset(d, verify=True)
-    s = write_dataset(seg, d, num_samples=N, seed=5, shard_size=SHARD, batch_size=BATCH, progress=False, resume=True)
+    s = write_dataset(seg, d, **REF, resume=True)
     assert (s["written"], s["shards_damaged"]) == (4, 1) and _shard_hashes(d) == ref
 
 
 def test_resume_refuses_other_settings(written, tiny_run, tmp_path):
     out, seg, _ = written
     d = _copy(out, tmp_path)
-    kw = dict(num_samples=N, seed=5, shard_size=SHARD, batch_size=BATCH, progress=False, resume=True)
+    kw = dict(REF, resume=True)
     for change, needle in ((dict(seed=6), r"seed 6 \(now\) vs 5 \(dataset\)"), (dict(num_samples=11), "num_samples"),
                            (dict(shard_size=5), "shard_size"), (dict(batch_size=8), "batch_size")):
         with pytest.raises(R.DatasetError, match=r"--resume: the settings differ.*" + needle):
@@ -286,6 +308,9 @@ def test_resume_refuses_other_settings(written, tiny_run, tmp_path):
     k2 = Segmenter.from_run(tiny_run[0], k=2)
     with pytest.raises(R.DatasetError, match="k 2 .now. vs 3 .dataset.*classifier_sha256"):
         write_dataset(k2, d, **kw)
+    other_gen = Segmenter(seg.generator.replace(noise=0.06), seg.params, seg.layers, seg.W, seg.b, 3)
+    with pytest.raises(R.DatasetError, match="the settings differ.*generator.config"):
+        write_dataset(other_gen, d, **kw)
     assert _shard_hashes(d) == _shard_hashes(out)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -435,12 +460,14 @@ def test_sigkill_then_resume_gives_the_uninterrupted_dataset(tiny_run, tmp_path)
     assert meta["complete"] is False and 0 <= finished < n // shard
     with pytest.raises(R.DatasetError, match="writing was interrupted.*--resume"):
         R.open_dataset(out)
+    kept = {e["file"]: os.stat(os.path.join(out, e["file"])).st_mtime_ns for e in meta["shards"] if e["sha256"]}
     r = subprocess.run([sys.executable, SCRIPT, *common, "--devices", "8", "--out", out, "--resume"], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     seg = Segmenter.from_run(run_dir, k=3)
     ref = str(tmp_path / "uninterrupted")
-    write_dataset(seg, ref, num_samples=n, seed=2, shard_size=shard, batch_size=16, progress=False)
+    write_dataset(seg, ref, num_samples=n, seed=2, shard_size=shard, batch_size=16, progress=False, quiet=True)
     assert _shard_hashes(out) == _shard_hashes(ref)
     assert _raw_records(out) == _raw_records(ref)
     assert R.open_dataset(out, verify=True).meta["resumed"]
+    assert {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in kept} == kept  # finished shards were kept

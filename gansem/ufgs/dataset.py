@@ -40,8 +40,9 @@ the same platform and software).
 Example::
 
     from gansem.segment import Segmenter
+    from gansem.sharding import make_mesh
     from gansem.ufgs.dataset import write_dataset
-    seg = Segmenter.from_run("runs/dcgan", k=12, mesh=gansem.make_mesh())
+    seg = Segmenter.from_run("runs/dcgan", k=12, mesh=make_mesh())     # all devices
     write_dataset(seg, "data/ufgs-dcgan-k12", num_samples=50_000, seed=1, batch_size=256)
 """
 
@@ -72,6 +73,7 @@ __all__ = [
     "UFGS_STREAM",
     "PREVIEW_FILE",
     "MANIFEST_FILE",
+    "RESUME_KEYS",
     "shard_key",
     "shard_inputs",
     "plan_shards",
@@ -321,7 +323,7 @@ def _check_args(num_samples, seed, shard_size, batch_size, run_info) -> None:
 
 
 def write_dataset(segmenter: Segmenter, out_dir: str, *, num_samples: int, seed: int, shard_size: int = 1000,
-                  batch_size: int = 64, resume: bool = False, progress: bool = True, quiet: bool = True,
+                  batch_size: int = 64, resume: bool = False, progress: bool = True, quiet: bool = False,
                   run_info: Optional[dict] = None) -> dict:
     """Sample ``num_samples`` (image, KLiSH mask) pairs into the dataset directory ``out_dir``.
 
