@@ -363,7 +363,8 @@ def write_dataset(segmenter: Segmenter, out_dir: str, *, num_samples: int, seed:
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise DatasetError(f"--out {out_dir!r} is a file; give a directory for the dataset")
-    existing = os.path.isdir(out_dir) and bool(os.listdir(out_dir))
+    # a write killed before its first index.json was in place leaves at most index.json.tmp: nothing to resume
+    existing = os.path.isdir(out_dir) and bool(set(os.listdir(out_dir)) - {INDEX_FILE + _TMP_SUFFIX})
     if existing and not resume:
         raise DatasetError(f"--out {out_dir!r} is not empty; use --resume to continue writing the dataset there, "
                            "or choose another --out")
