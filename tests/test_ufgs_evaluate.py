@@ -479,3 +479,79 @@ def test_cli_help_and_missing_model(tmp_path):
     r = subprocess.run([sys.executable, script, "--model", str(tmp_path / "nope"), "--labels", "faces"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2 and r.stderr.startswith("error: --model") and len(r.stderr.splitlines()) == 1
+
+
+# -- slow: the bundled DCGAN with the faces labeller, the CLI on a synthetic KLiSH run ------------------------
+
+
+@pytest.mark.slow
+def test_faces_sets_from_the_bundled_dcgan():
+    pytest.importorskip("dlib", reason="needs the faces extra: pip install 'gansem[faces]'")
+    from gansem.references import faces
+    from gansem.zoo import load_generator
+
+    gen, params, _ = load_generator("dcgan-digiface")
+    layers = tuple(select_feature_layers(gen.feature_layers(), 1000))
+    W = np.asarray(jax.random.normal(jax.random.key(1), (6, sum(l.channels for l in layers))), np.float32)
+    seg = Segmenter(gen, params, layers, W, np.zeros(6, np.float32), 6)
+    pool, test = ul.evaluation_sets("faces", segmenter=seg, num_match_pool=16, num_test=24, seed=0, batch_size=8)
+    for s, n in ((pool, 16), (test, 24)):
+        d = s.description
+        assert d["num_drawn"] == n and d["num_labelled"] + d["num_skipped"] == n and d["num_labelled"] >= 0.6 * n
+        assert s.class_names == faces.CLASS_NAMES and s.ignore_label == faces.IGNORE and s.num_unlabelled() == 0
+        assert s.images.shape[1:] == (64, 64, 3) and s.cluster_labels.shape == s.labels.shape
+    assert count_overlap(pool.latents, test.latents) == 0
+    table = ue.ufgs_table(pool, test, few_shot_trainer=_colour_trainer(), num_match=(1, 10), repeats=2, seed=0)
+    res = table.results
+    assert res["num_classes"] == 7 and res["methods"] == ["klish", "few_shot"] and res["num_clusters"] == 6
+    for r in res["rows"]:
+        assert 0.0 < r["miou"]["mean"] < 1.0 and len(r["miou"]["values"]) == 2
+    assert res["test_set"]["num_skipped"] == test.description["num_skipped"]
+
+
+def _true_labels_segmenter():
+    class Net:
+        num_classes = 3
+        predict = staticmethod(syn.true_labels)
+
+    return Net()
+
+
+@pytest.mark.slow
+def test_cli_with_generated_labels_on_a_synthetic_klish_run(tmp_path, monkeypatch):
+    from gansem.generators import save_checkpoint
+    from gansem.pipeline import KlishJobConfig, run_klish_job
+
+    gen, params, _ = syn.builtin_generator("synthetic-bands")
+    ck = save_checkpoint(str(tmp_path / "ck"), gen.replace(size=16), params, name="synthetic-bands-16")
+    run_dir = str(tmp_path / "run")
+    run_klish_job(KlishJobConfig.paper(generator=ck, num_images=2, resolution=8, k0=5, seed=0, svm_max_iter=200),
+                  run_dir, devices=1, progress=False, quiet=True, num_vis=1)
+    model = tmp_path / "model"
+    os.makedirs(model)
+    (model / "model.json").write_text(json.dumps({"klish_run": run_dir, "arch": "stand-in"}))
+    cli = _load_cli()
+    monkeypatch.setattr(cli, "load_ufgs_predictor", lambda model_dir, mesh: _true_labels_segmenter())
+    monkeypatch.setattr(cli, "make_few_shot_trainer", lambda arch, steps, batch_size, mesh: _colour_trainer())
+    out = tmp_path / "eval"
+    assert cli.main(["--model", str(model), "--labels", "gansem.generators.synthetic:true_labels", "--num-match",
+                     "1,4", "--repeats", "2", "--match-pool", "6", "--num-test", "10", "--few-shot-steps", "3",
+                     "--out", str(out), "--no-progress", "--quiet"]) == 0
+    res = json.load(open(out / "results.json"))
+    assert res["methods"] == ["ufgs", "klish", "few_shot"] and res["num_clusters"] == 3
+    rows = {(r["method"], r["num_match"]): r for r in res["rows"]}
+    assert rows[("ufgs", 4)]["miou"]["mean"] == 1.0  # the stand-in predicts the true bands
+    # the KLiSH rows, recomputed from the run's classifier on the same stream samples and draws
+    seg = Segmenter.from_run(run_dir, k=3)
+    pool = seg.segment_latents(evaluation_latents(seg.generator, 0, 6, part="ufgs-match")[0])
+    test = seg.segment_latents(evaluation_latents(seg.generator, 0, 10, part="ufgs-test")[0])
+    test_set = ul.LabelledImages(test["images"], syn.true_labels(test["images"]), syn.CLASS_NAMES)
+    for m in (1, 4):
+        for idx, value in zip(res["draws"][str(m)], rows[("klish", m)]["miou"]["values"]):
+            a = ue.match_clusters(pool["labels"][idx], syn.true_labels(pool["images"][idx]), 3, 6)
+            assert value == pytest.approx(ue.per_class_iou(test["labels"], test_set, a).miou, abs=1e-12)
+    assert res["test_set"]["kind"] == "generated" and res["test_set"]["part"] == "ufgs-test"
+    assert res["match_pool"]["part"] == "ufgs-match" and res["match_pool"]["num_images"] == 6
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["inputs"]["klish_run"] == os.path.abspath(run_dir)
+    assert manifest["inputs"]["klish_run_from"] == "model.json 'klish_run'"
