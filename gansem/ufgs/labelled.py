@@ -171,7 +171,8 @@ class LabelledImages:
                 raise EvaluationError(
                     f"{what}: label map {i} holds ids {int(kept.min())}..{int(kept.max())}; class ids must lie in "
                     f"[0, {m if self.class_names is not None else 'M'})"
-                    + ("" if self.ignore_label is not None else "; pass ignore_label for the value of unlabelled pixels"))
+                    + ("" if self.ignore_label is not None
+                       else "; pass ignore_label for the value of unlabelled pixels"))
         if self.latents is not None and len(self.latents) != n:
             raise EvaluationError(f"{what}: {len(self.latents)} latents for {n} images")
         if self.class_labels is not None and len(self.class_labels) != n:
@@ -235,7 +236,7 @@ class LabelledImages:
                                    cluster_labels=take(self.cluster_labels))
 
     def stacked(self, what: str = "images", indices: Optional[Sequence[int]] = None):
-        """``images`` / ``labels`` / ``cluster_labels`` of ``indices`` as one array if their sizes agree, else a list."""
+        """``images`` / ``labels`` / ``cluster_labels`` of ``indices``: one array if their sizes agree, else a list."""
         x = getattr(self, what)
         idx = range(len(self)) if indices is None else [int(i) for i in indices]
         items = [x[i] for i in idx]
@@ -570,7 +571,8 @@ def from_generated(segmenter_or_run, labeller, num: int, seed: int, *, k: Option
                                         progress=progress, desc=f"label {part} samples"):
         img = to_uint8(img)
         ref = source(img)
-        ok = np.ones(len(ref), bool) if source.ignore_label is None else ~np.all(ref == source.ignore_label, axis=(1, 2))
+        ok = (np.ones(len(ref), bool) if source.ignore_label is None
+              else ~np.all(ref == source.ignore_label, axis=(1, 2)))
         keep.append(np.arange(s, e)[ok])
         images.append(img[ok])
         refs.append(ref[ok])
