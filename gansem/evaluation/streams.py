@@ -4,7 +4,9 @@ A run draws its latents from ``fold_in(key(seed), 0)`` (class labels ``1``,
 K-means ``2``). Evaluation samples come from
 ``fold_in(fold_in(key(eval_seed), EVAL_STREAM), j)`` with ``EVAL_STREAM =
 1_000_003``: ``j = 0`` (latents) / ``1`` (class labels) for evaluation samples and
-``j = 2 / 3`` for the training samples of the separability experiment. The
+``j = 2 / 3`` for the training samples of the separability experiment, ``j = 4 / 5``
+for the images that name the clusters of a UFGS segmenter (cluster → class matching)
+and ``j = 6 / 7`` for the UFGS test images (:mod:`gansem.ufgs.labelled`). The
 derivation paths differ, so the streams are independent whatever ``eval_seed`` is;
 :func:`evaluation_latents` also checks that no evaluation latent equals a
 clustering latent and raises otherwise.
@@ -17,10 +19,12 @@ import numpy as np
 
 from ..references.sources import EvaluationError
 
-__all__ = ["EVAL_STREAM", "evaluation_latents", "count_overlap", "stream_key"]
+__all__ = ["EVAL_STREAM", "STREAM_PARTS", "evaluation_latents", "count_overlap", "stream_key"]
 
 #: Stream offset of evaluation samples (see module docstring).
 EVAL_STREAM = 1_000_003
+#: Stream part ``j`` of each kind of evaluation sample (latents; class labels use ``j + 1``).
+STREAM_PARTS = {"eval": 0, "train": 2, "ufgs-match": 4, "ufgs-test": 6}
 
 
 def stream_key(seed: int, j: int):
@@ -37,12 +41,15 @@ def evaluation_latents(gen, seed: int, n: int, *, training_latents=None, part: s
         n: number of samples.
         training_latents: the run's ``latents.npy``; if any sampled latent equals one of
             them exactly, raise (cannot happen with distinct PRNG streams; checked anyway).
-        part: ``"eval"`` (stream parts 0/1) or ``"train"`` (parts 2/3, separability training set).
+        part: ``"eval"`` (stream parts 0/1), ``"train"`` (parts 2/3, separability training set),
+            ``"ufgs-match"`` (4/5, UFGS matching images) or ``"ufgs-test"`` (6/7, UFGS test images).
 
     Returns:
         ``(latents [n, ...] float32, class_labels [n] int32 or None)``.
     """
-    j = {"eval": 0, "train": 2}[part]
+    if part not in STREAM_PARTS:
+        raise EvaluationError(f"unknown evaluation stream part {part!r}; choose from {', '.join(STREAM_PARTS)}")
+    j = STREAM_PARTS[part]
     lat = np.asarray(gen.sample_latents(stream_key(seed, j), n), np.float32)
     cl = gen.sample_class_labels(stream_key(seed, j + 1), n)
     cl = None if cl is None else np.asarray(cl, np.int32)
