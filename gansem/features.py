@@ -297,7 +297,7 @@ def _row_sums(data):
 def _row_cov(data, mean):
     def chunk(x, v, m):
         c = (x - m) * v[:, None]
-        return c.T @ c
+        return sharding.rows_tdot(c, c)
 
     return sharding.row_reduce(chunk, data.mesh, data.layout, (data.x, data.valid), (mean,))
 

@@ -419,6 +419,38 @@ def _ordered_sum(p):
     return acc
 
 
+#: Rows per block of :func:`rows_tdot`: products over at most this many rows come out with the same bits
+#: whatever the number of host threads (checked for XLA:CPU: larger contractions are split across threads).
+TDOT_BLOCK_ROWS = 256
+
+
+def rows_tdot(a, b, block: int = TDOT_BLOCK_ROWS):
+    """``aᵀ b``, a sum over rows, with a summation order fixed by the shapes alone.
+
+    XLA:CPU splits a matrix product whose contraction runs over many rows and whose
+    output is small (a Gram matrix ``Gᵀ G``, gradients ``gᵀ X``) across the host's
+    threads, so its rounding depends on the machine's core count and on how many CPU
+    devices the process simulates. Here the rows are cut into blocks of ``block``
+    rows, each block's product is one batched matrix product, and the block results
+    are added in block order: the same bits on every machine and device count.
+
+    Args:
+        a: ``[N, P]`` or ``[N]``; b: ``[N, Q]`` or ``[N]``.
+
+    Returns:
+        ``[P, Q]`` (``[P]``/``[Q]``/``[]`` for vector arguments), the dtype of ``a @ b``.
+    """
+    n = a.shape[0]
+    if n <= block:
+        return jnp.tensordot(a, b, axes=(0, 0))
+    nb = -(-n // block)
+    pad = nb * block - n
+    a2 = jnp.pad(a.reshape(n, -1), ((0, pad), (0, 0))).reshape(nb, block, -1)
+    b2 = jnp.pad(b.reshape(n, -1), ((0, pad), (0, 0))).reshape(nb, block, -1)
+    parts = jnp.einsum("grp,grq->gpq", a2, b2)  # zero padding rows add exact zeros
+    return _ordered_sum(parts).reshape(a.shape[1:] + b.shape[1:])
+
+
 def row_map(fn, mesh, layout: RowLayout, row_args, bcast_args=()):
     """Apply ``fn`` chunk by chunk to row-sharded arrays; outputs stay row-sharded.
 

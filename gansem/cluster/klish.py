@@ -340,9 +340,9 @@ def _stats_chunk(sc, vc, lc, *, width):
                          jnp.maximum(0.0, 1.0 - own) ** 2 - jnp.maximum(0.0, 1.0 + own) ** 2], axis=0)
     onehot = ((lab[:, None] == jnp.arange(width, dtype=lab.dtype)[None, :])
               & own_ok[:, None]).astype(jnp.float32)
-    by_class = per_row @ onehot  # [3, width]: rows of the class, its positives, hinge correction
+    by_class = sharding.rows_tdot(per_row.T, onehot)  # [3, width]: rows of the class, its positives, hinge correction
     inter, n_gt = by_class[1].astype(jnp.int32), by_class[0].astype(jnp.int32)
-    return d.T @ d, inter, (one @ pos).astype(jnp.int32), n_gt, one @ (neg * neg) + by_class[2]
+    return sharding.rows_tdot(d, d), inter, (one @ pos).astype(jnp.int32), n_gt, one @ (neg * neg) + by_class[2]
 
 
 @functools.partial(jax.jit, static_argnames=("width",))

@@ -55,7 +55,7 @@ def class_partials(xc, vc, lc, W, b, cls):
     y = signs(lc, cls)
     m = jnp.maximum(0.0, 1.0 - y * (xc @ W.T + b)) * vc[:, None]
     gs = -2.0 * y * m
-    return jnp.sum(m * m, axis=0), gs.T @ xc, jnp.sum(gs, axis=0)
+    return jnp.sum(m * m, axis=0), sharding.rows_tdot(gs, xc), jnp.sum(gs, axis=0)
 
 
 def _hinge_chunk(xc, vc, lc, W, b):

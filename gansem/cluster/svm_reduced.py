@@ -40,6 +40,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from gansem import sharding
 from gansem.cluster import optim
 
 __all__ = ["REDUCED_SOLVERS", "ReducedSolve", "solve_reduced", "bucket"]
@@ -109,7 +110,8 @@ def _gram_rows(X, idx, sgn, rebuild):
     ``rebuild``: every sign is 0 or +1, so ``G^T G`` (rows with sign 0 are zeroed) replaces ``G^T diag(s) G``.
     """
     G = jnp.where((sgn != 0)[:, None], X[idx], 0.0)
-    gram = jax.lax.cond(rebuild, lambda G: G.T @ G, lambda G: (G * sgn[:, None]).T @ G, G)
+    gram = jax.lax.cond(rebuild, lambda G: sharding.rows_tdot(G, G),
+                        lambda G: sharding.rows_tdot(G * sgn[:, None], G), G)
     col = sgn @ G
     top = jnp.concatenate([gram, col[:, None]], axis=1)
     bottom = jnp.concatenate([col, jnp.sum(sgn)[None]])[None, :]
