@@ -4,13 +4,14 @@ Tiny widths throughout; the shapes of the full-size networks are checked with ``
 (nothing computed).
 """
 
+import flax.linen as nn
 import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gansem.ufgs.models import (ARCHS, DeepLabV3, UNet, build_model, images_to_float,
+from gansem.ufgs.models import (ARCHS, DeepLabV3, UNet, build_model, images_to_float, max_pool_2x2,
                                 stage_strides_and_dilations)
 
 TINY_DEEPLAB = dict(depth=10, width=4, aspp_features=8)
@@ -139,3 +140,10 @@ def test_images_are_uint8_mapped_to_minus_one_one():
     np.testing.assert_allclose(np.asarray(images_to_float(x)), [[[[-1.0, 1.0, 127 / 127.5 - 1]]]], atol=1e-7)
     with pytest.raises(TypeError, match="uint8"):
         images_to_float(x.astype(jnp.float32))
+
+
+@pytest.mark.parametrize("h,w", [(6, 8), (5, 7)])
+def test_max_pool_2x2_is_same_padded_max_pooling(rng, h, w):
+    x = jnp.asarray(rng.normal(size=(2, h, w, 3)), jnp.float32)
+    want = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+    np.testing.assert_array_equal(np.asarray(max_pool_2x2(x)), np.asarray(want))

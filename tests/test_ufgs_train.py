@@ -1,7 +1,7 @@
 """UFGS segmenter training: learning, data order, 1 vs 8 devices, exact resumption, run directory, errors, CLI.
 
 Every run uses a tiny UNet on 16×16 images; runs with the same settings and mesh reuse the
-compiled programs (``train._training_programs`` is cached), so most tests cost only their steps.
+compiled programs (``train.training_programs`` is cached), so most tests cost only their steps.
 """
 
 import importlib
@@ -349,3 +349,23 @@ def test_cli_sigkill_then_resume_equals_uninterrupted(tmp_path):
     a, b = TrainedSegmenter.load(killed), TrainedSegmenter.load(ref)
     assert a.step == b.step == 150
     assert all(jax.tree.leaves(jax.tree.map(lambda x, y: np.array_equal(x, y), a.variables, b.variables)))
+
+
+@pytest.mark.slow
+def test_benchmark_smoke(tmp_path, capsys):
+    """benchmarks/bench_ufgs_train.py at tiny sizes: its tables and JSON (timings mean nothing here)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    bench = importlib.import_module("bench_ufgs_train")
+    out = tmp_path / "ufgs.json"
+    assert bench.main(["--resolution", "16", "--steps", "3", "--repeats", "1", "--profile-steps", "2", "--items", "16",
+                       "--unet-features", "4,8", "--deeplab-depth", "10", "--deeplab-width", "4", "--deeplab-aspp", "8",
+                       "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "dominant ops" in text and "step-only steps/s" in text
+    with open(out) as f:
+        results = json.load(f)["results"]
+    assert [r["arch"] for r in results] == ["unet", "deeplabv3"]
+    for r in results:
+        assert r["end_to_end"]["steps_per_s"] > 0 and r["step_only"]["flops_per_step"] > 0
+        prof = r["profile"]
+        assert prof["total_ms"] > 0 and 0 < sum(o["share"] for o in prof["by_kind"]) <= 1 + 1e-9

@@ -199,7 +199,7 @@ def labels_at_size(model: nn.Module, variables: dict, images: jax.Array, resolut
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class TrainedSegmenter:
     """A segmentation network with its variables and the description of its training.
 
