@@ -27,7 +27,8 @@ batch is split along its first axis (``NamedSharding(mesh, P("data"))``), parame
 optimiser state are replicated, and the step is one ``jax.jit`` program with those
 shardings; gradients and BatchNorm statistics are those of the global batch (the compiler
 adds the cross-device reductions). The loss curve on 1 and on 8 devices agrees to float
-rounding (the order of the sums differs).
+rounding (the order of the sums differs). One process: with ``jax.distributed`` every
+process would write the run directory's files (not handled yet).
 
 **Checkpoints and resumption.** Orbax saves ``model`` (params, batch_stats), ``train``
 (opt_state, step, rng) every ``checkpoint_every`` steps and at the end, keeping the latest
@@ -48,6 +49,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 import time
 from typing import Any, Mapping, NamedTuple, Optional
 
@@ -347,7 +349,7 @@ def _state_items(state: TrainState) -> dict:
             "train": {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}}
 
 
-def _restore_state(mngr, abstract: TrainState, out_dir: str, quiet: bool) -> Optional[TrainState]:
+def _restore_state(mngr, abstract: TrainState, out_dir: str) -> Optional[TrainState]:
     """The latest checkpoint that loads (an older kept one, with a warning, if the latest is damaged)."""
     steps = sorted(mngr.all_steps(), reverse=True)
     target = _state_items(abstract)  # ShapeDtypeStructs with the mesh's shardings: restored in place
@@ -360,7 +362,7 @@ def _restore_state(mngr, abstract: TrainState, out_dir: str, quiet: bool) -> Opt
             raise
         except Exception as e:  # Orbax/tensorstore: ValueError, FileNotFoundError, JSONDecodeError, ...
             errors.append(f"{CHECKPOINT_DIR}/{step}: {type(e).__name__}: {str(e).split(' [tensorstore_spec=')[0][:300]}")
-            print(f"[gansem] warning: {errors[-1]}; trying an older checkpoint", flush=True)
+            print(f"[gansem] warning: {errors[-1]}; trying an older checkpoint", file=sys.stderr, flush=True)
             continue
         m, t = out["model"], out["train"]
         return TrainState(step=t["step"], params=m["params"], batch_stats=m["batch_stats"],
@@ -548,7 +550,7 @@ def fit_segmenter(source, *, arch: str = "unet", steps: int, batch_size: int = 1
     mngr = checkpoint_manager(out_dir, create=True) if out_dir is not None else None
     state, start = None, 0
     if mngr is not None and stored is not None:
-        state = _restore_state(mngr, progs.abstract, out_dir, quiet)
+        state = _restore_state(mngr, progs.abstract, out_dir)
         if state is None:
             _log(f"{out_dir}: no checkpoint yet; training from step 0", quiet)
         else:
