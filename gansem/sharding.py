@@ -39,6 +39,7 @@ __all__ = [
     "make_mesh",
     "row_sharding",
     "replicated",
+    "place_batch",
     "padded_length",
     "DeviceError",
     "RowLayout",
@@ -213,6 +214,28 @@ def replicated(mesh):
     """``NamedSharding`` that replicates an array on every device of ``mesh``."""
 
     return NamedSharding(mesh, P())
+
+
+def place_batch(tree, mesh):
+    """Host arrays ``[B, ...]`` -> global arrays split along axis 0 over the data axis of ``mesh``.
+
+    For data-parallel steps (training batches, prediction batches). Every process passes
+    the same whole batch; each keeps the rows of its own devices.
+
+    Raises:
+        DeviceError: ``B`` is not a multiple of the mesh's device count.
+    """
+    n = mesh.devices.size
+    where = row_sharding(mesh)
+
+    def one(a):
+        a = np.asarray(a)
+        if a.ndim == 0 or a.shape[0] % n:
+            raise DeviceError(f"a batch of {a.shape[0] if a.ndim else 0} rows cannot be split evenly over "
+                              f"{n} devices; use a batch size divisible by {n}")
+        return jax.make_array_from_callback(a.shape, where, lambda idx: a[idx])
+
+    return jax.tree.map(one, tree)
 
 
 def padded_length(n: int, multiple: int) -> int:

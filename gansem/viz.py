@@ -17,6 +17,7 @@ __all__ = [
     "save_png",
     "cluster_map_figure",
     "trajectory_plot",
+    "training_curves_plot",
 ]
 
 
@@ -131,5 +132,44 @@ def trajectory_plot(ks: Sequence[int], min_iou: Sequence[float], merge_ecos: Seq
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def training_curves_plot(steps: Sequence[int], loss: Sequence[float], eval_steps: Sequence[int],
+                         eval_curves: Mapping[str, Sequence[float]], path: str, title: Optional[str] = None) -> str:
+    """Training loss (left) and validation curves such as mIoU (right) against the step.
+
+    Args:
+        steps, loss: the training loss of every logged step.
+        eval_steps: steps of the evaluations; ``eval_curves``: name -> one value per evaluation (in [0, 1]).
+    """
+    plt = _plt()
+    fig, (ax_l, ax_v) = plt.subplots(1, 2, figsize=(9.6, 3.6))
+    ax_l.plot(steps, loss, lw=0.8, color="tab:blue", alpha=0.5 if len(loss) > 50 else 1.0, label="loss")
+    if len(loss) > 50:  # a running mean shows the trend under the step-to-step noise
+        w = max(5, len(loss) // 50)
+        smooth = np.convolve(np.asarray(loss, float), np.ones(w) / w, mode="valid")
+        ax_l.plot(np.asarray(steps)[w - 1:], smooth, lw=1.2, color="tab:blue", label=f"mean of {w}")
+        ax_l.legend(fontsize=8)
+    ax_l.set_xlabel("step")
+    ax_l.set_ylabel("training loss (pixel cross-entropy)")
+    ax_l.set_yscale("log" if len(loss) and min(loss) > 0 else "linear")
+    ax_l.grid(alpha=0.3)
+    for name, values in eval_curves.items():
+        ax_v.plot(eval_steps, values, "-o", ms=3, label=name)
+    ax_v.set_xlabel("step")
+    ax_v.set_ylabel("validation")
+    ax_v.set_ylim(0, 1.02)
+    ax_v.grid(alpha=0.3)
+    if eval_curves:
+        ax_v.legend(fontsize=8)
+    else:
+        ax_v.text(0.5, 0.5, "no validation set", ha="center", va="center", transform=ax_v.transAxes)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

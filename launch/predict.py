@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""Label images with a segmenter trained by launch/train_segmenter.py.
+
+    python launch/predict.py --model runs/ufgs --images photos/ --out pred/
+    python launch/predict.py --model runs/ufgs --images seg.npz --out pred/
+
+``--images`` is a folder (every .png/.jpg/.jpeg directly in it, converted to RGB; any
+sizes) or an .npz in the layout of launch/segment.py (its ``images``). Writes::
+
+    OUT/masks/<name>.png     label ids (8-bit greyscale for K <= 256), the image's own size
+    OUT/overlays/<name>.png  the image with its labels in the model's palette
+    OUT/preview.png          the first 16 images and overlays
+    OUT/predictions.npz      (for an .npz input) labels int32 [N, H, W], the npz's images in order
+    OUT/manifest.json        what is where
+
+Names are the file names without extension, or ``00000``, ``00001``, ... for an .npz.
+"""
+
+import argparse
+import os
+import sys
+
+import _common  # first: puts gansem on the import path
+import numpy as np
+
+from gansem import sharding
+from gansem.ufgs.predict import TrainedSegmenter, read_image_folder, write_predictions
+
+
+def load_images(path: str):
+    """``(names, images, from_npz)`` of a folder of images or a launch/segment.py .npz."""
+    if os.path.isdir(path):
+        names, images = read_image_folder(path)
+        return names, images, False
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--images {path!r} does not exist (give a folder of images or an .npz)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "images" not in z.files:
+                raise ValueError(f"--images {path!r} has no 'images' array (the layout of launch/segment.py)")
+            images = z["images"]
+    except (OSError, EOFError) as e:
+        raise ValueError(f"--images {path!r} cannot be read as an .npz ({e})") from e
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"--images {path!r}: images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
+    return [f"{i:05d}" for i in range(len(images))], images, True
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="launch/predict.py",
+        description="Label every pixel of images with a trained UFGS segmenter; write masks, overlays, a preview.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="run directory written by launch/train_segmenter.py")
+    p.add_argument("--images", required=True, help="folder of .png/.jpg/.jpeg images, or a launch/segment.py .npz")
+    p.add_argument("--out", required=True, help="output folder (new or empty)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step to use (default: the latest)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per call")
+    p.add_argument("--devices", type=int, default=None,
+                   help="split every batch over N devices (N simulated CPU devices if fewer exist). Default: one")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no log lines")
+    return p
+
+
+@_common.user_errors
+def main(argv=None) -> int:
+    args, status = _common.parse_with_devices(build_parser(), argv)
+    if status:
+        return status
+    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
+        return _common.fail(f"--out {args.out!r} exists and is not an empty folder; choose a new folder")
+    if args.batch_size < 1:
+        return _common.fail(f"--batch-size must be >= 1, got {args.batch_size}")
+    names, images, from_npz = load_images(args.images)
+    mesh = sharding.make_mesh(args.devices) if args.devices else None
+    seg = TrainedSegmenter.load(args.model, step=args.step, mesh=mesh)
+    progress = not args.no_progress
+    if from_npz:
+        labels = list(seg.predict(images, batch_size=args.batch_size, progress=progress))
+    else:
+        labels = seg.predict_list(images, batch_size=args.batch_size, progress=progress)
+    write_predictions(args.out, names, images, labels, seg, source=os.path.abspath(args.images),
+                      npz_labels=from_npz)
+    if not args.quiet:
+        print(f"wrote {args.out}: {len(names)} masks and overlays (K={seg.num_classes}, step {seg.step})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""Train a UFGS segmentation network on (generated image, KLiSH cluster mask) pairs (KLiSH Sec. 5).
+
+    python launch/segment.py --run runs/dcgan --k 12 --num-samples 2000 --seed 1 --out pairs.npz
+    python launch/train_segmenter.py --data pairs.npz --arch unet --steps 2000 --out runs/ufgs
+    python launch/train_segmenter.py --data pairs.npz --arch unet --steps 4000 --out runs/ufgs --resume
+
+``--data`` is a UFGS dataset directory (``gansem.ufgs.records``) or an ``.npz`` in the
+layout ``launch/segment.py`` writes (``images`` uint8 [N, H, W, 3], ``labels`` int32
+[N, H, W], ``k``). The run directory gets model.json, checkpoints/, metrics.jsonl,
+curves.png, summary.json and manifest.json (see ``gansem.ufgs.predict``); label new
+images with ``launch/predict.py --model RUN``.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import _common  # first: puts gansem on the import path
+import numpy as np
+
+from gansem import sharding
+from gansem.ufgs.models import ARCHS
+from gansem.ufgs.train import fit_segmenter
+
+
+class NpzPairs:
+    """The pairs of a ``launch/segment.py`` .npz as a random-access source (the protocol of ``records``)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int, meta: dict):
+        self.images, self.labels, self.num_classes, self.meta = images, labels, num_classes, meta
+        self.resolution = int(images.shape[1])
+        self.palette = None
+        self.class_names = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "label": self.labels[i]}
+
+
+def load_training_data(path: str):
+    """The pairs in ``path``: a UFGS dataset directory or a ``launch/segment.py`` .npz."""
+    if os.path.isdir(path):
+        try:
+            from gansem.ufgs import records
+        except ImportError as e:
+            raise ImportError(f"--data {path!r} is a directory, but this gansem has no UFGS dataset reader "
+                              f"(gansem.ufgs.records: {e}); give a launch/segment.py .npz instead") from e
+        return records.open_dataset(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--data {path!r} does not exist (give a UFGS dataset folder or an .npz)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("images", "labels", "k") if k not in z.files]
+            if missing:
+                raise ValueError(f"--data {path!r} has no {', '.join(missing)}: expected the .npz of "
+                                 "launch/segment.py (images, labels, k)")
+            images, labels, k = z["images"], z["labels"], int(z["k"])
+    except (OSError, EOFError) as e:
+        raise ValueError(f"--data {path!r} cannot be read as an .npz ({e})") from e
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"--data {path!r}: images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
+    if labels.shape != images.shape[:3]:
+        raise ValueError(f"--data {path!r}: labels must be [N, H, W] = {images.shape[:3]}, got {labels.shape}")
+    return NpzPairs(images, labels.astype(np.int32), k, {"source": os.path.abspath(path)})
+
+
+def _model_arg(text: str):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value  # a bare string, e.g. dtype=bfloat16
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="launch/train_segmenter.py",
+        description="Train a segmentation network (UNet or DeepLabV3) on generated images and their KLiSH masks.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", required=True,
+                   help="UFGS dataset directory, or an .npz written by launch/segment.py (images, labels, k)")
+    p.add_argument("--arch", choices=ARCHS, default="unet", help="network")
+    p.add_argument("--steps", type=int, required=True, help="train until this many steps are done")
+    p.add_argument("--out", required=True, help="run directory (new, or an existing one with --resume)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint (same settings and data)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per step, a multiple of --devices")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW decoupled weight decay (kernels only)")
+    p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default: 5%% of the schedule)")
+    p.add_argument("--schedule-steps", type=int, default=None,
+                   help="length of the cosine learning-rate schedule (default: --steps of the first call); "
+                        "give the total when training in several sessions")
+    p.add_argument("--seed", type=int, default=0, help="data order, initialisation and dropout")
+    p.add_argument("--val-samples", type=int, default=None,
+                   help="hold out the last N items of --data for validation (default: 5%%, at most 200; 0: none)")
+    p.add_argument("--eval-every", type=int, default=500, help="validate every N steps (and after the last)")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="checkpoint every N steps (and after the last)")
+    p.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="model option, repeatable, value as JSON: e.g. features=[16,32,64] (unet), depth=18, "
+                        "output_stride=8, width=32 (deeplabv3), dtype=bfloat16")
+    p.add_argument("--data-threads", type=int, default=2, help="threads reading batches ahead")
+    p.add_argument("--devices", type=int, default=None,
+                   help="train data-parallel over N devices (N simulated CPU devices if fewer exist). "
+                        "Default: every device of the default backend")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no log lines")
+    return p
+
+
+@_common.user_errors
+def main(argv=None) -> int:
+    args, status = _common.parse_with_devices(build_parser(), argv)
+    if status:
+        return status
+    source = load_training_data(args.data)
+    mesh = sharding.make_mesh(args.devices)
+    seg = fit_segmenter(
+        source, arch=args.arch, steps=args.steps, batch_size=args.batch_size, out_dir=args.out, resume=args.resume,
+        lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, schedule_steps=args.schedule_steps,
+        seed=args.seed, mesh=mesh, val_samples=args.val_samples, eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every, model_kwargs=dict(args.model_arg), data_threads=args.data_threads,
+        data_info={"path": os.path.abspath(args.data)}, progress=not args.no_progress, quiet=args.quiet)
+    if not args.quiet:
+        final = (seg.summary or {}).get("final_val") or {}
+        val = f", validation mIoU {final['val_miou']:.4f}" if "val_miou" in final else ""
+        print(f"trained {args.out}: step {seg.step}{val}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
