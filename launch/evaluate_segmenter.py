@@ -32,15 +32,22 @@ import os
 import sys
 
 import _common  # first: puts gansem on the import path
+import numpy as np
+from PIL import Image
 
 from gansem import sharding
 from gansem.references.sources import EvaluationError
 from gansem.segment import Segmenter
 from gansem.ufgs.evaluate import REPORT_FILES, evaluate_segmenter
 from gansem.ufgs.labelled import is_generator_labeller
+from gansem.ufgs.predict import TrainedSegmenter
+from gansem.ufgs.records import ArrayPairs
+from gansem.ufgs.train import fit_segmenter
 
 #: Key of the KLiSH run directory in the UFGS model's ``model.json`` (used when --run is not given).
 KLISH_RUN_KEY = "klish_run"
+#: Label of unlabelled pixels in the few-shot training pairs (what fit_segmenter ignores).
+IGNORE = 255
 
 
 def _int_list(s: str):
@@ -137,27 +144,47 @@ def read_model_config(model_dir: str) -> dict:
     return cfg
 
 
-def load_ufgs_predictor(model_dir: str, mesh):
+def load_ufgs_predictor(model_dir: str, mesh) -> TrainedSegmenter:
     """The trained UFGS segmenter: ``.predict(images uint8 [N,H,W,3]) -> int32 [N,H,W]`` and ``.num_classes``."""
-    # wired at merge: gansem.ufgs.predict comes from the ufgs-net branch
-    from gansem.ufgs.predict import TrainedSegmenter
-
-    return TrainedSegmenter.load(model_dir)
+    return TrainedSegmenter.load(model_dir, mesh=mesh)
 
 
-def make_few_shot_trainer(arch: str, steps: int, batch_size: int, mesh):
-    """``(images, labels (-1: unlabelled), num_classes, seed) -> predictor``: the network trained on the M images."""
-    # wired at merge: gansem.ufgs.records / gansem.ufgs.train come from the ufgs-data / ufgs-net branches
-    from gansem.ufgs.records import ArrayPairs
-    from gansem.ufgs.train import fit_segmenter
+def _at_resolution(images, labels, size: int):
+    """Images (bilinear) and label maps (nearest) resized to ``size`` × ``size`` where they differ."""
+    out_i, out_l = [], []
+    for img, lab in zip(images, labels):
+        img, lab = np.asarray(img), np.asarray(lab)
+        if img.shape[:2] != (size, size):
+            img = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+            lab = np.asarray(Image.fromarray(lab.astype(np.int32)).resize((size, size), Image.NEAREST))
+        out_i.append(img)
+        out_l.append(lab)
+    return np.stack(out_i), np.stack(out_l)
+
+
+def make_few_shot_trainer(arch: str, steps: int, batch_size: int, resolution: int, mesh, model_kwargs=None):
+    """``(images, labels (-1: unlabelled), num_classes, seed) -> predictor``: the network trained on the M images.
+
+    The same network as the UFGS segmenter (``arch`` with its ``model_kwargs``). Images of other sizes
+    (real sets) are resized to the UFGS segmenter's ``resolution`` for training; the predictor labels
+    images at their own size, as the UFGS segmenter does.
+    """
 
     def train(images, labels, num_classes, seed):
-        source = ArrayPairs(images, labels, num_classes)
+        images, labels = _at_resolution(images, labels, resolution)
+        labels = np.where(labels < 0, IGNORE, labels).astype(np.int32)
+        source = ArrayPairs(images, labels, num_classes, ignore_label=IGNORE)
         net = fit_segmenter(source, arch=arch, steps=steps, batch_size=batch_size, seed=seed, mesh=mesh,
-                            progress=False)
+                            val_samples=0, ignore_index=IGNORE, model_kwargs=model_kwargs, progress=False, quiet=True)
         return net.predict
 
     return train
+
+
+def klish_run_of(model_cfg: dict):
+    """The KLiSH run a UFGS model's data came from: ``model.json``'s key, else the dataset index's ``run_dir``."""
+    data_meta = (model_cfg.get("data") or {}).get("meta") or {}
+    return model_cfg.get(KLISH_RUN_KEY) or data_meta.get("run_dir")
 
 
 @_common.user_errors
@@ -180,7 +207,7 @@ def main(argv=None) -> int:
                             "be the one at that K")
     generated = any(is_generator_labeller(s) for s in (args.labels, args.match_labels) if s is not None)
     npz = any(str(s).endswith(".npz") for s in (args.labels, args.match_labels) if s is not None)
-    run_dir = args.run or model_cfg.get(KLISH_RUN_KEY)
+    run_dir = args.run or klish_run_of(model_cfg)
     if generated and not run_dir:
         return _common.fail(f"--labels {args.labels!r} labels generated samples: give the KLiSH run (--run), or a "
                             f"model whose model.json names it ('{KLISH_RUN_KEY}')")
@@ -188,7 +215,9 @@ def main(argv=None) -> int:
     trainer = None
     arch = args.few_shot_arch or model_cfg.get("arch", "unet")
     if args.few_shot_steps:
-        trainer = make_few_shot_trainer(arch, args.few_shot_steps, args.few_shot_batch_size, mesh)
+        kwargs = model_cfg.get("model_kwargs") or {} if arch == model_cfg.get("arch") else {}
+        trainer = make_few_shot_trainer(arch, args.few_shot_steps, args.few_shot_batch_size, int(net.resolution), mesh,
+                                        model_kwargs=kwargs)
     tfds_options = {k: v for k, v in (("data_dir", args.tfds_data_dir), ("manual_dir", args.tfds_manual_dir),
                                       ("image_key", args.tfds_image_key), ("label_key", args.tfds_label_key)) if v}
     manifest = {

@@ -21,34 +21,14 @@ import _common  # first: puts gansem on the import path
 import numpy as np
 
 from gansem import sharding
+from gansem.ufgs import records
 from gansem.ufgs.models import ARCHS
 from gansem.ufgs.train import fit_segmenter
-
-
-class NpzPairs:
-    """The pairs of a ``launch/segment.py`` .npz as a random-access source (the protocol of ``records``)."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int, meta: dict):
-        self.images, self.labels, self.num_classes, self.meta = images, labels, num_classes, meta
-        self.resolution = int(images.shape[1])
-        self.palette = None
-        self.class_names = None
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "label": self.labels[i]}
 
 
 def load_training_data(path: str):
     """The pairs in ``path``: a UFGS dataset directory or a ``launch/segment.py`` .npz."""
     if os.path.isdir(path):
-        try:
-            from gansem.ufgs import records
-        except ImportError as e:
-            raise ImportError(f"--data {path!r} is a directory, but this gansem has no UFGS dataset reader "
-                              f"(gansem.ufgs.records: {e}); give a launch/segment.py .npz instead") from e
         return records.open_dataset(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--data {path!r} does not exist (give a UFGS dataset folder or an .npz)")
@@ -65,7 +45,7 @@ def load_training_data(path: str):
         raise ValueError(f"--data {path!r}: images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
     if labels.shape != images.shape[:3]:
         raise ValueError(f"--data {path!r}: labels must be [N, H, W] = {images.shape[:3]}, got {labels.shape}")
-    return NpzPairs(images, labels.astype(np.int32), k, {"source": os.path.abspath(path)})
+    return records.ArrayPairs(images, labels.astype(np.int32), k)
 
 
 def _model_arg(text: str):

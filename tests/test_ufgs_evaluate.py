@@ -427,6 +427,7 @@ class _StandInSegmenter:
     """What the merge-time wiring returns: ``.predict`` and ``.num_classes``."""
 
     num_classes = 5
+    resolution = 16
     predict = staticmethod(_nearest_colour(CLUSTER_COLOURS))
 
 
@@ -446,8 +447,8 @@ def test_cli_on_a_labelled_folder_with_stand_in_networks(rng, tmp_path, monkeypa
     seen = {}
     monkeypatch.setattr(cli, "load_ufgs_predictor", lambda model_dir, mesh: _StandInSegmenter())
 
-    def trainer(arch, steps, batch_size, mesh):
-        seen.update(arch=arch, steps=steps, batch_size=batch_size)
+    def trainer(arch, steps, batch_size, resolution, mesh, model_kwargs=None):
+        seen.update(arch=arch, steps=steps, batch_size=batch_size, resolution=resolution)
         return _colour_trainer()
 
     monkeypatch.setattr(cli, "make_few_shot_trainer", trainer)
@@ -455,7 +456,7 @@ def test_cli_on_a_labelled_folder_with_stand_in_networks(rng, tmp_path, monkeypa
     argv = ["--model", str(model), "--labels", str(d), "--num-match", "1,3", "--repeats", "2", "--match-pool", "4",
             "--few-shot-steps", "7", "--out", str(out), "--no-progress"]
     assert cli.main(argv) == 0
-    assert seen == {"arch": "stand-in", "steps": 7, "batch_size": 8}
+    assert seen == {"arch": "stand-in", "steps": 7, "batch_size": 8, "resolution": 16}
     res = json.load(open(out / "results.json"))
     assert res["num_match"] == [1, 3] and res["match_pool"]["num_images"] == 4 and res["test_set"]["num_images"] == 5
     assert {r["method"] for r in res["rows"]} == {"ufgs", "few_shot"}
@@ -513,6 +514,7 @@ def test_faces_sets_from_the_bundled_dcgan():
 def _true_labels_segmenter():
     class Net:
         num_classes = 3
+        resolution = 16
         predict = staticmethod(syn.true_labels)
 
     return Net()
@@ -533,7 +535,7 @@ def test_cli_with_generated_labels_on_a_synthetic_klish_run(tmp_path, monkeypatc
     (model / "model.json").write_text(json.dumps({"klish_run": run_dir, "arch": "stand-in"}))
     cli = _load_cli()
     monkeypatch.setattr(cli, "load_ufgs_predictor", lambda model_dir, mesh: _true_labels_segmenter())
-    monkeypatch.setattr(cli, "make_few_shot_trainer", lambda arch, steps, batch_size, mesh: _colour_trainer())
+    monkeypatch.setattr(cli, "make_few_shot_trainer", lambda *a, **kw: _colour_trainer())
     out = tmp_path / "eval"
     assert cli.main(["--model", str(model), "--labels", "gansem.generators.synthetic:true_labels", "--num-match",
                      "1,4", "--repeats", "2", "--match-pool", "6", "--num-test", "10", "--few-shot-steps", "3",
@@ -556,3 +558,18 @@ def test_cli_with_generated_labels_on_a_synthetic_klish_run(tmp_path, monkeypatc
     manifest = json.load(open(out / "manifest.json"))
     assert manifest["inputs"]["klish_run"] == os.path.abspath(run_dir)
     assert manifest["inputs"]["klish_run_from"] == "model.json 'klish_run'"
+
+
+def test_the_few_shot_trainer_trains_the_real_network_on_m_images_with_ignored_pixels(rng):
+    """The launch script's trainer: ``fit_segmenter`` on M labelled images (-1 = unlabelled), other sizes resized."""
+    cli = _load_cli()
+    data, _ = _synthetic_set(rng, 3, ignore=True)
+    images = [data.images[0], data.images[1], np.asarray(Image.fromarray(data.images[2]).resize((24, 24)))]
+    maps = np.where(data.labels == 255, -1, data.labels)  # how ufgs_table hands unlabelled pixels to a trainer
+    labels = [maps[0], maps[1], np.asarray(Image.fromarray(maps[2]).resize((24, 24), Image.NEAREST))]
+    assert min(int(np.min(lab)) for lab in labels) == -1
+    train = cli.make_few_shot_trainer("unet", 2, 2, 16, None, model_kwargs={"features": [4, 8]})
+    predict = train(images, labels, data.num_classes, 0)
+    out = predict(np.stack(images[:2]))
+    assert out.shape == (2, 16, 16) and out.dtype == np.int32
+    assert out.min() >= 0 and out.max() < data.num_classes

@@ -461,6 +461,8 @@ class ArrayPairs:
         latents: ``[N, ...]`` generator inputs, or ``None``.
         indices: ``[N]`` global sample indices, or ``None`` (``0 .. N-1``).
         class_labels: ``[N]`` classes of a class-conditional generator, or ``None``.
+        ignore_label: a label value outside ``[0, num_classes)`` allowed for unlabelled pixels
+            (e.g. 255: what :func:`gansem.ufgs.train.fit_segmenter` ignores by default), or ``None``.
 
     Attributes:
         meta: a small description (``format: "in-memory"``, sizes).
@@ -469,7 +471,7 @@ class ArrayPairs:
     """
 
     def __init__(self, images, labels, num_classes: int, palette=None, class_names=None, *, latents=None,
-                 indices=None, class_labels=None):
+                 indices=None, class_labels=None, ignore_label: Optional[int] = None):
         images, labels = np.asarray(images), np.asarray(labels)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise DatasetError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {list(images.shape)}")
@@ -479,9 +481,11 @@ class ArrayPairs:
         num_classes = int(num_classes)
         if num_classes < 1:
             raise DatasetError(f"num_classes must be >= 1, got {num_classes}")
-        if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            raise DatasetError(f"labels must be in [0, {num_classes}), got [{int(labels.min())}, "
-                               f"{int(labels.max())}]")
+        labelled = labels if ignore_label is None else labels[labels != ignore_label]
+        if labelled.size and (int(labelled.min()) < 0 or int(labelled.max()) >= num_classes):
+            also = "" if ignore_label is None else f" (or {ignore_label}: unlabelled)"
+            raise DatasetError(f"labels must be in [0, {num_classes}){also}, got [{int(labelled.min())}, "
+                               f"{int(labelled.max())}]")
         n = images.shape[0]
         extra = {"latents": latents, "indices": indices, "class_labels": class_labels}
         extra = {k: None if v is None else np.asarray(v) for k, v in extra.items()}
