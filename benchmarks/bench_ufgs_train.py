@@ -24,10 +24,7 @@ For each architecture (``unet`` with ``--unet-features``; ``deeplabv3`` with a s
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
 import os
-import re
 import sys
 import tempfile
 import time
@@ -74,45 +71,6 @@ def model_kwargs(arch: str, args) -> dict:
             "output_stride": args.deeplab_os}
 
 
-def dominant_ops(logdir: str, top: int = 12) -> dict:
-    """Op time by name and by kind from the ``.xplane.pb`` that ``jax.profiler.trace(logdir)`` wrote."""
-    paths = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True))
-    if not paths:
-        return {"source": None, "note": "no .xplane.pb written"}
-    profile = jax.profiler.ProfileData.from_file(paths[-1])
-    by_name: collections.Counter = collections.Counter()
-    source = None
-    for plane in profile.planes:  # accelerators: the device plane's "XLA Ops" line
-        if plane.name.startswith("/device:"):
-            for line in plane.lines:
-                if line.name == "XLA Ops":
-                    source = "device plane, line 'XLA Ops'"
-                    for e in line.events:
-                        by_name[e.name] += e.duration_ns
-    if not by_name:  # CPU: the thunks run on the XLA executor threads of the host plane
-        source = "host plane, XLA executor threads (tf_XLA*)"
-        skip = ("ThreadpoolListener", "ThunkExecutor", "SlinkyThreadPool", "end: ")  # markers and waits
-        for plane in profile.planes:
-            if plane.name != "/host:CPU":
-                continue
-            for line in plane.lines:
-                if not line.name.startswith("tf_XLA"):
-                    continue
-                for e in line.events:
-                    if e.duration_ns > 0 and not e.name.startswith(skip):
-                        by_name[e.name] += e.duration_ns
-    total = sum(by_name.values())
-    by_kind: collections.Counter = collections.Counter()
-    for name, ns in by_name.items():
-        by_kind[re.sub(r"[._]\d+$", "", name)] += ns
-
-    def table(counter):
-        return [{"op": n, "ms": ns / 1e6, "share": ns / total if total else None} for n, ns in counter.most_common(top)]
-
-    return {"source": source, "file": paths[-1], "total_ms": total / 1e6, "ops": len(by_name),
-            "by_kind": table(by_kind), "by_name": table(by_name)}
-
-
 def bench_arch(arch: str, data: BlobPairs, mesh, args) -> dict:
     kwargs = model_kwargs(arch, args)
     n_dev = mesh.devices.size
@@ -148,7 +106,7 @@ def bench_arch(arch: str, data: BlobPairs, mesh, args) -> dict:
             for _ in range(args.profile_steps):
                 state, m = progs.step(state, batch)
             jax.block_until_ready((state, m))
-        ops = dominant_ops(logdir)
+        ops = common.dominant_ops(logdir)
     params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state.params))
     return {
         "arch": arch, "model_kwargs": kwargs, "params": params, "devices": n_dev,

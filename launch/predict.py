@@ -11,7 +11,8 @@ sizes) or an .npz in the layout of launch/segment.py (its ``images``). Writes::
     OUT/overlays/<name>.png  the image with its labels in the model's palette
     OUT/preview.png          the first 16 images and overlays
     OUT/predictions.npz      (for an .npz input) labels int32 [N, H, W], the npz's images in order
-    OUT/manifest.json        what is where
+    OUT/manifest.json        what is where (for an .npz with labels at the model's K, e.g. KLiSH masks
+                             of launch/segment.py: the pixel agreement with them)
 
 Names are the file names without extension, or ``00000``, ``00001``, ... for an .npz.
 """
@@ -44,6 +45,22 @@ def load_images(path: str):
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"--images {path!r}: images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
     return [f"{i:05d}" for i in range(len(images))], images, True
+
+
+def npz_agreement(path: str, labels, num_classes: int):
+    """Pixel agreement of ``labels`` with the .npz's own ``labels`` (the KLiSH masks of launch/segment.py).
+
+    ``None`` unless the file holds ``labels`` of the same shape from a classifier with the same K.
+    """
+    with np.load(path, allow_pickle=False) as z:
+        if "labels" not in z.files or "k" not in z.files or int(z["k"]) != num_classes:
+            return None
+        ref = z["labels"]
+    pred = np.stack(labels)
+    if ref.shape != pred.shape:
+        return None
+    return {"pixel_agreement_with_npz_labels": float(np.mean(pred == ref)),
+            "per_image_min": float(np.mean(pred == ref, axis=(1, 2)).min())}
 
 
 def build_parser():
@@ -81,10 +98,13 @@ def main(argv=None) -> int:
         labels = list(seg.predict(images, batch_size=args.batch_size, progress=progress))
     else:
         labels = seg.predict_list(images, batch_size=args.batch_size, progress=progress)
+    agreement = npz_agreement(args.images, labels, seg.num_classes) if from_npz else None
     write_predictions(args.out, names, images, labels, seg, source=os.path.abspath(args.images),
-                      npz_labels=from_npz)
+                      npz_labels=from_npz, extra=agreement)
     if not args.quiet:
         print(f"wrote {args.out}: {len(names)} masks and overlays (K={seg.num_classes}, step {seg.step})")
+        if agreement:
+            print(f"pixel agreement with the .npz's labels: {100 * agreement['pixel_agreement_with_npz_labels']:.1f} %")
     return 0
 
 

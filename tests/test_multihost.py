@@ -85,6 +85,7 @@ def test_processes_give_the_single_process_trajectory(single4, tmp_path, n_proc)
     assert len(summary["peak_rss_mib"]) == n_proc
 
 
+@pytest.mark.slow
 def test_killed_process_is_reported_and_the_run_resumes(single4, tmp_path):
     out = str(tmp_path / "killed")
     procs = _spawn(2, 4, out, heartbeat=10)

@@ -120,6 +120,8 @@ def test_cli_npz_round_trip(trained, tmp_path, capsys):
     with open(dest / "manifest.json") as f:
         manifest = json.load(f)
     assert manifest["count"] == 6 and manifest["step"] == 6 and "predictions.npz" in manifest["files"]
+    agree = float(np.mean(pred == labels[:6]))  # the npz's own labels have the model's K: agreement reported
+    assert manifest["pixel_agreement_with_npz_labels"] == pytest.approx(agree)
 
 
 def test_cli_image_folder(trained, tmp_path):

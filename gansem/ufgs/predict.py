@@ -377,7 +377,8 @@ def _thumb(image: np.ndarray, size: int) -> np.ndarray:
 
 def write_predictions(out_dir: str, names: Sequence[str], images: Sequence[np.ndarray],
                       labels: Sequence[np.ndarray], segmenter: TrainedSegmenter, *, source: str = "",
-                      npz_labels: bool = False, preview: int = 16, alpha: float = 0.5) -> dict:
+                      npz_labels: bool = False, preview: int = 16, alpha: float = 0.5,
+                      extra: Optional[dict] = None) -> dict:
     """Write masks, overlays, a preview grid and a manifest for predicted labels.
 
     Files::
@@ -394,6 +395,7 @@ def write_predictions(out_dir: str, names: Sequence[str], images: Sequence[np.nd
         labels: ``[H_i, W_i]`` int each, in the images' order.
         segmenter: the model that produced them (its palette, K, run and step go into the manifest).
         source: where the images came from (for the manifest).
+        extra: more entries for the manifest (e.g. the agreement with the input's own labels).
 
     Returns:
         The manifest (also written as ``manifest.json``).
@@ -431,6 +433,7 @@ def write_predictions(out_dir: str, names: Sequence[str], images: Sequence[np.nd
         "count": len(names),
         "names": list(names),
         "files": files,
+        **dict(extra or {}),
     }
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump(jsonable(manifest), f, indent=2)
