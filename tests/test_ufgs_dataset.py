@@ -471,3 +471,32 @@ def test_sigkill_then_resume_gives_the_uninterrupted_dataset(tiny_run, tmp_path)
     assert _raw_records(out) == _raw_records(ref)
     assert R.open_dataset(out, verify=True).meta["resumed"]
     assert {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in kept} == kept  # finished shards were kept
+
+
+def _load_script(name):
+    path = os.path.join(os.path.dirname(SCRIPT), name)
+    spec = importlib.util.spec_from_file_location(name.replace(".py", "_cli"), path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, os.path.dirname(path))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(os.path.dirname(path))
+    return mod
+
+
+def test_a_written_dataset_trains_a_segmenter_that_knows_its_klish_run(written, tiny_run, tmp_path):
+    """The UFGS chain from the dataset folder: train_segmenter reads it, evaluate_segmenter finds the run."""
+    out_dir, _, _ = written
+    run_dir, _ = tiny_run
+    model = str(tmp_path / "unet")
+    train = _load_script("train_segmenter.py")
+    assert train.main(["--data", out_dir, "--arch", "unet", "--steps", "2", "--batch-size", "2", "--devices", "1",
+                       "--val-samples", "2", "--model-arg", "features=[4,8]", "--out", model, "--no-progress",
+                       "--quiet"]) == 0
+    with open(os.path.join(model, "model.json")) as f:
+        meta = json.load(f)
+    assert meta["num_classes"] == 3 and meta["resolution"] == 16
+    assert meta["data"]["meta"]["classifier_sha256"] == R.read_index(out_dir)["classifier_sha256"]
+    evaluate = _load_script("evaluate_segmenter.py")
+    assert evaluate.klish_run_of(meta) == os.path.abspath(run_dir)
