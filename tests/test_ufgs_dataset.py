@@ -500,3 +500,35 @@ def test_a_written_dataset_trains_a_segmenter_that_knows_its_klish_run(written, 
     assert meta["data"]["meta"]["classifier_sha256"] == R.read_index(out_dir)["classifier_sha256"]
     evaluate = _load_script("evaluate_segmenter.py")
     assert evaluate.klish_run_of(meta) == os.path.abspath(run_dir)
+
+
+@pytest.mark.slow
+def test_the_ufgs_chain_end_to_end_through_the_scripts(tiny_run, tmp_path):
+    """make_dataset → train_segmenter → predict → evaluate_segmenter on a tiny run, each as a user runs it."""
+    run_dir, _ = tiny_run
+    data, model, pred, ev = (str(tmp_path / n) for n in ("data", "unet", "pred", "eval"))
+    assert _main()(["--run", run_dir, "--k", "3", "--num-samples", "24", "--shard-size", "8", "--batch-size", "8",
+                    "--out", data, "--no-progress", "--quiet"]) == 0
+    assert len(R.open_dataset(data, verify=True)) == 24
+    assert _load_script("train_segmenter.py").main(
+        ["--data", data, "--arch", "unet", "--steps", "40", "--batch-size", "8", "--lr", "3e-3", "--val-samples", "8",
+         "--eval-every", "40", "--model-arg", "features=[8,16]", "--out", model, "--no-progress", "--quiet"]) == 0
+    with open(os.path.join(model, "summary.json")) as f:
+        assert json.load(f)["final_val"]["val_pixel_accuracy"] > 0.8  # three bands: learned from 16 pairs
+    seg = Segmenter.from_run(run_dir, k=3)
+    fresh = seg.sample(6, seed=11)
+    npz = str(tmp_path / "fresh.npz")
+    np.savez(npz, images=fresh["images"], labels=fresh["labels"], latents=fresh["latents"], k=np.int32(3))
+    assert _load_script("predict.py").main(["--model", model, "--images", npz, "--out", pred, "--no-progress",
+                                            "--quiet"]) == 0
+    with open(os.path.join(pred, "manifest.json")) as f:
+        assert json.load(f)["pixel_agreement_with_npz_labels"] > 0.8
+    assert _load_script("evaluate_segmenter.py").main(
+        ["--model", model, "--labels", "gansem.generators.synthetic:true_labels", "--num-match", "1,4",
+         "--repeats", "2", "--match-pool", "6", "--num-test", "8", "--few-shot-steps", "5", "--devices", "1",
+         "--out", ev, "--no-progress", "--quiet"]) == 0
+    with open(os.path.join(ev, "results.json")) as f:
+        res = json.load(f)
+    assert res["methods"] == ["ufgs", "klish", "few_shot"]
+    best = max(r["miou"]["mean"] for r in res["rows"] if r["method"] == "ufgs")
+    assert best > 0.5  # the bands, named by matching
