@@ -42,6 +42,11 @@ host-side statistics; call them from plain Python:
 Devices: :func:`make_mesh` builds a 1-D mesh; :func:`place_rows` places ``[N, ...]``
 rows on it as a :class:`RowData` (rows, mask, layout, mesh). Results are the same
 on any device count dividing 8.
+
+UFGS (Sec. 5) lives in :mod:`gansem.ufgs` and is imported from there (it needs grain and
+array_record, which ``import gansem`` does not load): ``ufgs.dataset.write_dataset`` and
+``ufgs.records.open_dataset`` (pair datasets), ``ufgs.models.build_model`` (UNet, DeepLabV3),
+``ufgs.train.fit_segmenter``, ``ufgs.predict.TrainedSegmenter``, ``ufgs.evaluate.ufgs_table``.
 """
 
 from . import batching, evaluation, features, generators, metrics, pipeline, run, segment, sharding, zoo
