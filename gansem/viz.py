@@ -81,6 +81,17 @@ def _plt():
     return plt
 
 
+def _save_figure(fig, path: str, title: Optional[str] = None, dpi: int = 110) -> str:
+    """Title, tight layout, write ``path`` (its folder created) and close ``fig``; returns ``path``."""
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    _plt().close(fig)
+    return path
+
+
 def cluster_map_figure(images: np.ndarray, label_maps: Mapping[str, np.ndarray], path: str,
                        title: Optional[str] = None, cell: float = 1.4) -> str:
     """Rows = samples; first column the images, then one column per labelling.
@@ -103,13 +114,7 @@ def cluster_map_figure(images: np.ndarray, label_maps: Mapping[str, np.ndarray],
     axes[0, 0].set_title("image", fontsize=8)
     for j, name in enumerate(label_maps):
         axes[0, j + 1].set_title(str(name), fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path, title)
 
 
 def trajectory_plot(ks: Sequence[int], min_iou: Sequence[float], merge_ecos: Sequence[float], path: str,
@@ -129,11 +134,7 @@ def trajectory_plot(ks: Sequence[int], min_iou: Sequence[float], merge_ecos: Seq
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path, dpi=120)
 
 
 def training_curves_plot(steps: Sequence[int], loss: Sequence[float], eval_steps: Sequence[int],
@@ -166,10 +167,4 @@ def training_curves_plot(steps: Sequence[int], loss: Sequence[float], eval_steps
         ax_v.legend(fontsize=8)
     else:
         ax_v.text(0.5, 0.5, "no validation set", ha="center", va="center", transform=ax_v.transAxes)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path, title)

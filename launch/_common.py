@@ -19,7 +19,8 @@ if ROOT not in sys.path:
 
 from gansem import sharding  # noqa: E402
 
-__all__ = ["ROOT", "USER_ERRORS", "fail", "setup_devices", "user_errors", "add_output_args", "parse_with_devices"]
+__all__ = ["ROOT", "USER_ERRORS", "fail", "setup_devices", "user_errors", "add_output_args", "add_classifier_args",
+           "parse_with_devices"]
 
 #: Exceptions that mean "the request cannot be done as asked": printed as one line, exit status 2.
 #: gansem's own errors (GeneratorError, RunError, EvaluationError, ConfigError, CheckpointError) are ValueErrors.
@@ -51,13 +52,22 @@ def user_errors(fn: Callable[..., int]) -> Callable[..., int]:
     return wrapped
 
 
-def add_output_args(p, devices_help: str, out_help: str, quiet: bool = True) -> None:
+def add_output_args(p, devices_help: str, out_help: str, quiet: bool = True, out_required: bool = False) -> None:
     """The flags every launch script shares: ``--devices``, ``--out``, ``--no-progress`` (and ``--quiet``)."""
     p.add_argument("--devices", type=int, default=None, help=devices_help)
-    p.add_argument("--out", default=None, help=out_help)
+    p.add_argument("--out", required=out_required, default=None, help=out_help)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     if quiet:
         p.add_argument("--quiet", action="store_true", help="no log lines")
+
+
+def add_classifier_args(p) -> None:
+    """``--run`` and one of ``--k`` / ``--threshold``: the KLiSH classifier of a run at a chosen K."""
+    p.add_argument("--run", required=True, help="run directory written by launch/klish.py")
+    sel = p.add_mutually_exclusive_group(required=True)
+    sel.add_argument("--k", type=int, help="number of clusters K (must be in the run's trajectory)")
+    sel.add_argument("--threshold", type=float,
+                     help="φ*: use the first K (from K0 down) whose minimum cluster IoU reaches this value")
 
 
 def parse_with_devices(parser, argv):

@@ -33,14 +33,8 @@ def build_parser():
                     "and write them as a sharded, resumable UFGS dataset (array_record + index.json).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--run", required=True, help="run directory written by launch/klish.py")
-    sel = p.add_mutually_exclusive_group(required=True)
-    sel.add_argument("--k", type=int, help="number of clusters K (must be in the run's trajectory)")
-    sel.add_argument("--threshold", type=float,
-                     help="φ*: use the first K (from K0 down) whose minimum cluster IoU reaches this value")
+    _common.add_classifier_args(p)
     p.add_argument("--num-samples", type=int, required=True, help="number of pairs N to write")
-    p.add_argument("--out", required=True,
-                   help="dataset directory; must be absent or empty unless --resume")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the samples: shard s draws its latents from "
                         "fold_in(fold_in(key(seed), UFGS_STREAM), s), apart from the run's own samples")
@@ -49,14 +43,13 @@ def build_parser():
                    help="samples per generator call, split over the devices in micro-batches of "
                         "ceil(batch-size / 8); part of the dataset's settings (it fixes the bits). Use 256 or "
                         "more on a GPU")
-    p.add_argument("--devices", type=int, default=None,
-                   help="split every batch over D devices (D simulated CPU devices if fewer exist); the records "
-                        "are the same on any count dividing 8. Default: one device")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted write into --out: finished shards are verified (SHA-256) and "
                         "kept, the others written again; the settings must be those of the dataset")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--quiet", action="store_true", help="no log lines")
+    _common.add_output_args(
+        p, devices_help="split every batch over D devices (D simulated CPU devices if fewer exist); the records "
+                        "are the same on any count dividing 8. Default: one device",
+        out_help="dataset directory; must be absent or empty unless --resume", out_required=True)
     return p
 
 

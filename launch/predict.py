@@ -29,10 +29,14 @@ from gansem.ufgs.predict import TrainedSegmenter, read_image_folder, write_predi
 
 
 def load_images(path: str):
-    """``(names, images, from_npz)`` of a folder of images or a launch/segment.py .npz."""
+    """``(names, images, reference)`` of a folder of images or a launch/segment.py .npz.
+
+    ``reference`` is ``None`` for a folder, else ``(labels [N, H, W] or None, k or None)``: the npz's own
+    labels, to compare the predictions with.
+    """
     if os.path.isdir(path):
         names, images = read_image_folder(path)
-        return names, images, False
+        return names, images, None
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--images {path!r} does not exist (give a folder of images or an .npz)")
     try:
@@ -40,24 +44,22 @@ def load_images(path: str):
             if "images" not in z.files:
                 raise ValueError(f"--images {path!r} has no 'images' array (the layout of launch/segment.py)")
             images = z["images"]
+            reference = (z["labels"] if "labels" in z.files else None, int(z["k"]) if "k" in z.files else None)
     except (OSError, EOFError) as e:
         raise ValueError(f"--images {path!r} cannot be read as an .npz ({e})") from e
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"--images {path!r}: images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
-    return [f"{i:05d}" for i in range(len(images))], images, True
+    return [f"{i:05d}" for i in range(len(images))], images, reference
 
 
-def npz_agreement(path: str, labels, num_classes: int):
-    """Pixel agreement of ``labels`` with the .npz's own ``labels`` (the KLiSH masks of launch/segment.py).
+def npz_agreement(reference, labels, num_classes: int):
+    """Pixel agreement of ``labels`` with an .npz's own ``labels`` (the KLiSH masks of launch/segment.py).
 
-    ``None`` unless the file holds ``labels`` of the same shape from a classifier with the same K.
+    ``None`` unless the file held ``labels`` of the same shape from a classifier with the same K.
     """
-    with np.load(path, allow_pickle=False) as z:
-        if "labels" not in z.files or "k" not in z.files or int(z["k"]) != num_classes:
-            return None
-        ref = z["labels"]
+    ref, k = reference
     pred = np.stack(labels)
-    if ref.shape != pred.shape:
+    if ref is None or k != num_classes or ref.shape != pred.shape:
         return None
     return {"pixel_agreement_with_npz_labels": float(np.mean(pred == ref)),
             "per_image_min": float(np.mean(pred == ref, axis=(1, 2)).min())}
@@ -71,13 +73,11 @@ def build_parser():
     )
     p.add_argument("--model", required=True, help="run directory written by launch/train_segmenter.py")
     p.add_argument("--images", required=True, help="folder of .png/.jpg/.jpeg images, or a launch/segment.py .npz")
-    p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step to use (default: the latest)")
     p.add_argument("--batch-size", type=int, default=32, help="images per call")
-    p.add_argument("--devices", type=int, default=None,
-                   help="split every batch over N devices (N simulated CPU devices if fewer exist). Default: one")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--quiet", action="store_true", help="no log lines")
+    _common.add_output_args(
+        p, devices_help="split every batch over N devices (N simulated CPU devices if fewer exist). Default: one",
+        out_help="output folder (new or empty)", out_required=True)
     return p
 
 
@@ -90,7 +90,8 @@ def main(argv=None) -> int:
         return _common.fail(f"--out {args.out!r} exists and is not an empty folder; choose a new folder")
     if args.batch_size < 1:
         return _common.fail(f"--batch-size must be >= 1, got {args.batch_size}")
-    names, images, from_npz = load_images(args.images)
+    names, images, reference = load_images(args.images)
+    from_npz = reference is not None
     mesh = sharding.make_mesh(args.devices) if args.devices else None
     seg = TrainedSegmenter.load(args.model, step=args.step, mesh=mesh)
     progress = not args.no_progress
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
         labels = list(seg.predict(images, batch_size=args.batch_size, progress=progress))
     else:
         labels = seg.predict_list(images, batch_size=args.batch_size, progress=progress)
-    agreement = npz_agreement(args.images, labels, seg.num_classes) if from_npz else None
+    agreement = npz_agreement(reference, labels, seg.num_classes) if from_npz else None
     write_predictions(args.out, names, images, labels, seg, source=os.path.abspath(args.images),
                       npz_labels=from_npz, extra=agreement)
     if not args.quiet:

@@ -30,11 +30,7 @@ def build_parser():
         description="Label new GAN samples with the KLiSH classifier of a run at a chosen number of clusters K.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--run", required=True, help="run directory written by launch/klish.py")
-    sel = p.add_mutually_exclusive_group(required=True)
-    sel.add_argument("--k", type=int, help="number of clusters K (must be in the run's trajectory)")
-    sel.add_argument("--threshold", type=float,
-                     help="φ*: use the first K (from K0 down) whose minimum cluster IoU reaches this value")
+    _common.add_classifier_args(p)
     p.add_argument("--num-samples", type=int, required=True, help="number of new samples N")
     p.add_argument("--seed", type=int, required=True,
                    help="seed of the samples: latents = generator.sample_latents(fold_in(key(seed), 0), N)")

@@ -68,7 +68,6 @@ def build_parser():
                    help="UFGS dataset directory, or an .npz written by launch/segment.py (images, labels, k)")
     p.add_argument("--arch", choices=ARCHS, default="unet", help="network")
     p.add_argument("--steps", type=int, required=True, help="train until this many steps are done")
-    p.add_argument("--out", required=True, help="run directory (new, or an existing one with --resume)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint (same settings and data)")
     p.add_argument("--batch-size", type=int, default=16, help="images per step, a multiple of --devices")
@@ -87,11 +86,10 @@ def build_parser():
                    help="model option, repeatable, value as JSON: e.g. features=[16,32,64] (unet), depth=18, "
                         "output_stride=8, width=32 (deeplabv3), dtype=bfloat16")
     p.add_argument("--data-threads", type=int, default=2, help="threads reading batches ahead")
-    p.add_argument("--devices", type=int, default=None,
-                   help="train data-parallel over N devices (N simulated CPU devices if fewer exist). "
-                        "Default: every device of the default backend")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--quiet", action="store_true", help="no log lines")
+    _common.add_output_args(
+        p, devices_help="train data-parallel over N devices (N simulated CPU devices if fewer exist). "
+                        "Default: every device of the default backend",
+        out_help="run directory (new, or an existing one with --resume)", out_required=True)
     return p
 
 

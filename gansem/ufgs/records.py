@@ -238,6 +238,15 @@ def decode_pair(data: bytes) -> dict:
     return out
 
 
+def _item_index(i, n: int) -> int:
+    """``i`` (any integer, negative from the end) as an index into ``n`` pairs; ``IndexError`` outside."""
+    i = int(i.__index__())
+    j = i + n if i < 0 else i
+    if not 0 <= j < n:
+        raise IndexError(f"index {i} out of range for {n} pairs")
+    return j
+
+
 def file_sha256(path: str, chunk: int = 1 << 22) -> str:
     """Hex SHA-256 of a file's content, read in ``chunk``-byte pieces."""
     h = hashlib.sha256()
@@ -370,12 +379,7 @@ class PairDataset:
         return f"record {i} (shard {self.meta['shards'][s]['file']}, position {i - self._firsts[s]}) of {self.path!r}"
 
     def __getitem__(self, i) -> dict:
-        n = len(self)
-        i = int(i.__index__())
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"index {i} out of range for a dataset of {n} pairs")
+        i = _item_index(i, len(self))
         try:
             raw = self._source[i]
         except RuntimeError as e:  # riegeli: chunk hash mismatch, truncated chunk...
@@ -519,12 +523,7 @@ class ArrayPairs:
         return f"ArrayPairs({len(self)} pairs, K={self.num_classes}, images {list(self.images.shape[1:])})"
 
     def __getitem__(self, i) -> dict:
-        n = len(self)
-        i = int(i.__index__())
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"index {i} out of range for {n} pairs")
+        i = _item_index(i, len(self))
         item = {"image": self.images[i], "label": self.labels[i].astype(np.int32),
                 "index": i if self.indices is None else int(self.indices[i])}
         if self.latents is not None:
