@@ -32,22 +32,16 @@ import os
 import sys
 
 import _common  # first: puts gansem on the import path
-import numpy as np
-from PIL import Image
 
 from gansem import sharding
 from gansem.references.sources import EvaluationError
 from gansem.segment import Segmenter
-from gansem.ufgs.evaluate import REPORT_FILES, evaluate_segmenter
+from gansem.ufgs.evaluate import REPORT_FILES, evaluate_segmenter, network_few_shot_trainer
 from gansem.ufgs.labelled import is_generator_labeller
 from gansem.ufgs.predict import TrainedSegmenter
-from gansem.ufgs.records import ArrayPairs
-from gansem.ufgs.train import fit_segmenter
 
 #: Key of the KLiSH run directory in the UFGS model's ``model.json`` (used when --run is not given).
 KLISH_RUN_KEY = "klish_run"
-#: Label of unlabelled pixels in the few-shot training pairs (what fit_segmenter ignores).
-IGNORE = 255
 
 
 def _int_list(s: str):
@@ -149,36 +143,9 @@ def load_ufgs_predictor(model_dir: str, mesh) -> TrainedSegmenter:
     return TrainedSegmenter.load(model_dir, mesh=mesh)
 
 
-def _at_resolution(images, labels, size: int):
-    """Images (bilinear) and label maps (nearest) resized to ``size`` × ``size`` where they differ."""
-    out_i, out_l = [], []
-    for img, lab in zip(images, labels):
-        img, lab = np.asarray(img), np.asarray(lab)
-        if img.shape[:2] != (size, size):
-            img = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
-            lab = np.asarray(Image.fromarray(lab.astype(np.int32)).resize((size, size), Image.NEAREST))
-        out_i.append(img)
-        out_l.append(lab)
-    return np.stack(out_i), np.stack(out_l)
-
-
 def make_few_shot_trainer(arch: str, steps: int, batch_size: int, resolution: int, mesh, model_kwargs=None):
-    """``(images, labels (-1: unlabelled), num_classes, seed) -> predictor``: the network trained on the M images.
-
-    The same network as the UFGS segmenter (``arch`` with its ``model_kwargs``). Images of other sizes
-    (real sets) are resized to the UFGS segmenter's ``resolution`` for training; the predictor labels
-    images at their own size, as the UFGS segmenter does.
-    """
-
-    def train(images, labels, num_classes, seed):
-        images, labels = _at_resolution(images, labels, resolution)
-        labels = np.where(labels < 0, IGNORE, labels).astype(np.int32)
-        source = ArrayPairs(images, labels, num_classes, ignore_label=IGNORE)
-        net = fit_segmenter(source, arch=arch, steps=steps, batch_size=batch_size, seed=seed, mesh=mesh,
-                            val_samples=0, ignore_index=IGNORE, model_kwargs=model_kwargs, progress=False, quiet=True)
-        return net.predict
-
-    return train
+    """The few-shot baseline: :func:`gansem.ufgs.evaluate.network_few_shot_trainer`."""
+    return network_few_shot_trainer(arch, steps, batch_size, resolution, mesh=mesh, model_kwargs=model_kwargs)
 
 
 def klish_run_of(model_cfg: dict):

@@ -56,6 +56,8 @@ from .. import metrics, viz
 from ..references.sources import EvaluationError
 from ..run import jsonable
 from .labelled import LabelledImages, evaluation_sets
+from .records import ArrayPairs
+from .train import fit_segmenter
 
 __all__ = [
     "Predictor",
@@ -70,6 +72,7 @@ __all__ = [
     "per_class_iou",
     "draw_match_sets",
     "ufgs_table",
+    "network_few_shot_trainer",
     "tables_markdown",
     "examples_figure",
     "write_report",
@@ -639,6 +642,35 @@ def _resize(a: np.ndarray, hw: tuple, labels: bool) -> np.ndarray:
         im = Image.fromarray(a.astype(np.int32), mode="I").resize((hw[1], hw[0]), Image.NEAREST)
         return np.asarray(im).astype(np.int32)
     return np.asarray(Image.fromarray(a).resize((hw[1], hw[0]), Image.BILINEAR))
+
+
+#: Label of unlabelled pixels in the few-shot training pairs (what :func:`~gansem.ufgs.train.fit_segmenter` ignores).
+FEW_SHOT_IGNORE = 255
+
+
+def network_few_shot_trainer(arch: str, steps: int, batch_size: int, resolution: int, *, mesh=None,
+                             model_kwargs: Optional[dict] = None) -> Callable:
+    """The few-shot baseline of :func:`ufgs_table`: the segmentation network trained on the M labelled images.
+
+    Returns ``train(images, labels (-1: unlabelled), num_classes, seed) -> predictor``, which fits
+    ``arch`` with ``model_kwargs`` (give the UFGS segmenter's, so the baseline is the same network)
+    for ``steps`` steps on the M pairs with :func:`~gansem.ufgs.train.fit_segmenter`. Images of another
+    size (real sets) are resized to ``resolution`` for training; the predictor labels images at their
+    own size, as the UFGS segmenter does.
+    """
+    hw = (resolution, resolution)
+
+    def train(images, labels, num_classes, seed):
+        imgs = np.stack([_resize(np.asarray(x), hw, False) for x in images])
+        labs = np.stack([_resize(np.asarray(y), hw, True) for y in labels])
+        labs = np.where(labs < 0, FEW_SHOT_IGNORE, labs).astype(np.int32)
+        source = ArrayPairs(imgs, labs, num_classes, ignore_label=FEW_SHOT_IGNORE)
+        net = fit_segmenter(source, arch=arch, steps=steps, batch_size=batch_size, seed=seed, mesh=mesh,
+                            val_samples=0, ignore_index=FEW_SHOT_IGNORE, model_kwargs=model_kwargs,
+                            progress=False, quiet=True)
+        return net.predict
+
+    return train
 
 
 def examples_figure(examples: dict, path: str, title: Optional[str] = None) -> Optional[str]:
