@@ -41,18 +41,32 @@ def _tiny_checkpoint(tmp, family):
     return d
 
 
-@pytest.mark.parametrize("family", sorted(TINY))
-def test_family_runs_through_klish_on_1_and_8_devices(family, tmp_path):
+def _run_family(tmp_path, family, devices_list):
     ck = _tiny_checkpoint(str(tmp_path), family)
     cfg = dict(generator=ck, num_images=2, resolution=8, k0=6, seed=1, svm_max_iter=300)
-    trajs = {}
-    for n in (1, 8):
+    merges = []
+    for n in devices_list:
         d = str(tmp_path / f"run{n}")
         s = run_klish_job(KlishJobConfig(**cfg), d, devices=n, progress=False, quiet=True, num_vis=1)
         assert s["complete"]
-        trajs[n] = load_trajectory(d)
+        traj = load_trajectory(d)
+        ks = [r.k for r in traj]
+        assert ks[0] <= 6 and ks == list(range(ks[0], 0, -1))
         assert os.path.isfile(os.path.join(d, "clusters.png"))
-    merges = [[(r.k, r.p, r.q) for r in trajs[n]] for n in (1, 8)]
+        merges.append([(r.k, r.p, r.q) for r in traj])
+    return merges
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_family_runs_through_klish_on_8_devices(family, tmp_path):
+    _run_family(tmp_path, family, (8,))
+
+
+# The device-count invariance of the job itself is tested on the DCGAN in test_pipeline.py; here once per family.
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_family_runs_through_klish_on_1_and_8_devices(family, tmp_path):
+    merges = _run_family(tmp_path, family, (1, 8))
     assert merges[0] == merges[1]
 
 
