@@ -463,11 +463,11 @@
       img.hidden = false;
       $("result-placeholder").hidden = true;
       $("download-image").disabled = false;
-      $("result-caption").textContent = `· seed ${answer.seed} · ${img.naturalWidth} × ${img.naturalHeight} px · ${ms} ms`;
+      $("result-caption").textContent = `· seed ${answer.seed} · ${img.naturalWidth}×${img.naturalHeight} · ${ms} ms`;
       clearError();
       status(`generated with seed ${answer.seed} in ${ms} ms`);
     } catch (err) {
-      showError(`generate: ${err.message}`);
+      showError(`generation failed: ${err.message}`);
       status("generation failed");
     } finally {
       state.busy = false;
@@ -517,7 +517,7 @@
       clearError();
       afterEdit(`loaded from sample pair ${index}`);
     } catch (err) {
-      showError(`sample ${index}: ${err.message}`);
+      showError(`sample pair ${index} could not be loaded: ${err.message}`);
     }
   }
 
