@@ -216,6 +216,12 @@ def test_strokes_with_two_classes_generate_the_image_of_the_mask(page, synth):
     assert "seed 5" in page.inner_text("#result-caption")
     _screenshot(page, "03-more-paint-new-seed.png")
 
+    page.check("#auto-generate")  # "after every stroke": the stroke alone brings the next image
+    page.keyboard.press("1")
+    _stroke(page, [(20, 5), (28, 5)])
+    page.wait_for_selector("#result[data-generation='4']")
+    np.testing.assert_array_equal(_shown_image(page), synth.generate(_mask(page, synth), seed=5))
+
 
 def test_undo_redo_clear_and_fill(page, synth):
     page.keyboard.press("2")
