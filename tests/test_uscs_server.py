@@ -223,6 +223,7 @@ def test_synthesiser_failures_are_clean(caplog):
     assert "secret" not in message and "RuntimeError" not in message
     assert "secret internal detail" in caplog.text  # the traceback goes to the server's log
     _assert_error(_post(client, {"mask": _mask(), "seed": 1}), 500, "internal error")  # an image of the wrong shape
+    _assert_error(client.get("/api/example/0"), 500, "internal error")  # its examples come from generate too
 
 
 def test_create_app_checks_the_synthesiser():

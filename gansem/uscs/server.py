@@ -329,8 +329,9 @@ def create_app(synth: SynthesizerLike, *, max_payload_bytes: Optional[int] = Non
         with generate_lock:
             image, mask = synth.example(index)
         mask = np.asarray(mask)
-        if mask.shape != (r, r):
-            raise RuntimeError(f"example {index} has a mask of shape {mask.shape}, not ({r}, {r})")
+        if mask.shape != (r, r) or not np.issubdtype(mask.dtype, np.integer) or mask.min() < 0 or mask.max() >= k:
+            raise RuntimeError(f"example {index} has a mask of {mask.dtype} {mask.shape}, not class ids "
+                               f"0..{k - 1} ({r}, {r})")
         return flask.jsonify(index=index, image=_data_url(encode_png(_checked_image(image, r))),
                              mask=mask.astype(int).tolist())
 
@@ -348,7 +349,7 @@ def create_app(synth: SynthesizerLike, *, max_payload_bytes: Optional[int] = Non
     @app.errorhandler(Exception)
     def internal_error(e: Exception):
         _log.exception("USCS page: %s %s failed", flask.request.method, flask.request.path)
-        return _error("internal error: the synthesiser failed on this request (details in the server's log)", 500)
+        return _error("internal error: the server could not answer this request (details in its log)", 500)
 
     @app.after_request
     def security_headers(response: flask.Response) -> flask.Response:
