@@ -84,15 +84,7 @@ def session(browser, base_url):
     page.set_default_timeout(10_000)
     errors, outside = [], []
     page.on("pageerror", lambda e: errors.append(str(e)))
-
-    def only_local(route):
-        if route.request.url.startswith(base_url + "/"):
-            route.continue_()
-        else:
-            outside.append(route.request.url)
-            route.abort()
-
-    page.route("**/*", only_local)
+    page.on("request", lambda r: None if r.url.startswith((base_url + "/", "data:", "blob:")) else outside.append(r.url))
     yield page, errors, outside
     context.close()
 
