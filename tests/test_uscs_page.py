@@ -38,6 +38,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 ARTIFACTS = os.path.join(os.environ.get("GANSEM_TEST_ARTIFACTS", os.path.join(ROOT, "test-artifacts")), "uscs-page")
 K, R = 4, 32
 NAMES = ["sky", "sand", "rock", "grass"]
+# One browser for the module: under `pytest -n 2 --dist loadgroup` (the CI command) its tests share a worker.
+pytestmark = pytest.mark.xdist_group("browser")
 SETUP_HINT = "install it with `bash scripts/setup.sh --test`, or set GANSEM_SKIP_BROWSER=1 to skip the browser tests"
 
 
