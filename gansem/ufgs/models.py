@@ -113,6 +113,8 @@ class UNet(nn.Module):
     (2×2 max pooling between levels); the last level is the bottleneck. The decoder
     resizes (bilinear) to the next finer level's size, concatenates its skip features and
     applies two conv-BN-ReLU with that level's width; a 1×1 convolution gives the logits.
+    The bottleneck (``[N, H / 2**(L-1), W / 2**(L-1), features[-1]]``) is stored under
+    ``intermediates/bottleneck_features`` when applied with ``mutable=["intermediates"]``.
 
     Attributes:
         num_classes: K.
@@ -137,6 +139,7 @@ class UNet(nn.Module):
             x = ConvBNReLU(f, dtype=self.dtype, name=f"down{i}_a")(x, train)
             x = ConvBNReLU(f, dtype=self.dtype, name=f"down{i}_b")(x, train)
             skips.append(x)
+        self.sow("intermediates", "bottleneck_features", x)       # [N, h, w, features[-1]]
         for i in range(len(self.features) - 2, -1, -1):
             skip = skips[i]  # [N, h_i, w_i, features[i]]
             x = jax.image.resize(x, skip.shape[:3] + x.shape[3:], "bilinear")
