@@ -25,7 +25,10 @@ paid once) and stops at an exact fixed point.
 Entry points: :func:`kmeans_fit` is the jittable core (K-means++ then Lloyd, no
 host reads); :func:`kmeans`, :func:`kmeans_plusplus_init` and :func:`lloyd` are
 host-level drivers that check their arguments (e.g. K against the number of valid
-rows) first. :func:`assign` is jittable.
+rows) first. :func:`assign` is jittable. :func:`kmeans_fit_batched` solves many
+small independent problems at once (one per image, rows of one problem on one
+device; ``jax.vmap`` over problems), for methods that cluster each image's pixels
+on their own; placing the batch of problems over devices is the caller's business.
 
 Metrics:
     ``"euclidean"``: squared Euclidean distance, centroids are cluster means.
@@ -63,6 +66,7 @@ __all__ = [
     "lloyd",
     "kmeans",
     "kmeans_fit",
+    "kmeans_fit_batched",
     "assign",
     "count_valid",
 ]
@@ -619,3 +623,113 @@ def kmeans_fit(key, data, k: int, *, max_iter: int = 20, tol=1e-4, metric: str =
     _check_metric(metric)
     init = _kmeans_pp(key, data, k=int(k), trials=_trials(k, n_trials), metric=metric)
     return _lloyd(data, init, jnp.float32(tol), max_iter=int(max_iter), metric=metric)
+
+
+# -- many small problems at once -------------------------------------------------------
+
+
+def _dense_sample(key, mass):
+    """One row index drawn with probability proportional to ``mass [N]`` (uniform if all 0), inverse CDF."""
+    cum = jnp.cumsum(mass)
+    total = cum[-1]
+    uniform = total <= 0
+    cum = jnp.where(uniform, jnp.arange(1, mass.shape[0] + 1, dtype=jnp.float32), cum)
+    total = cum[-1]
+    target = jnp.minimum(jax.random.uniform(key, ()) * total, jnp.nextafter(total, 0.0))
+    idx = jnp.searchsorted(cum, target, side="right", method="compare_all")
+    return jnp.clip(idx, 0, mass.shape[0] - 1).astype(jnp.int32)
+
+
+def _dense_kmeans(key, x, *, k, trials, max_iter, tol, metric):
+    """One problem: greedy K-means++ then Lloyd on rows ``x [N, D]`` held whole. Returns a :class:`KMeansResult`."""
+    x = _prep_rows(x, metric)  # [N, D]
+    n, dim = x.shape
+    x_sq = jnp.sum(x * x, axis=-1)  # [N]
+
+    def dists_to(c):  # [L, D] -> [L, N] squared distances, clipped at 0
+        return jnp.maximum(x_sq[None, :] - 2.0 * (c @ x.T) + jnp.sum(c * c, axis=-1)[:, None], 0.0)
+
+    first = _dense_sample(jax.random.fold_in(key, 0), jnp.zeros((n,), jnp.float32))
+    d0 = dists_to(x[first][None])[0]
+    cents0 = jnp.zeros((k, dim), jnp.float32).at[0].set(x[first])
+
+    def seed_step(i, carry):
+        cents, d = carry
+        keys = jax.random.split(jax.random.fold_in(key, i), trials)
+        cand = x[jax.vmap(_dense_sample, in_axes=(0, None))(keys, d)]  # [L, D]
+        dist = jnp.minimum(d[None, :], dists_to(cand))  # [L, N]
+        best = jnp.argmin(jnp.sum(dist, axis=1))  # the candidate that lowers the potential most
+        return cents.at[i].set(cand[best]), dist[best]
+
+    cents, _ = jax.lax.fori_loop(1, k, seed_step, (cents0, d0))
+    cents = _prep_centroids(cents, metric)
+
+    def assign_rows(c):
+        return _nearest(x, c)  # labels [N], squared distances [N]
+
+    def update(c):
+        labels, dist = assign_rows(c)
+        onehot = jax.nn.one_hot(labels, k, dtype=jnp.float32)  # [N, K]
+        sums = sharding.rows_tdot(onehot, x)  # NK.ND = KD, summed in a fixed order
+        counts = jnp.sum(onehot, axis=0)  # [K], exact integers
+        new = _prep_centroids(sums / jnp.maximum(counts, 1.0)[:, None], metric)
+        # Empty clusters take the farthest rows (the j-th empty cluster the j-th farthest row).
+        empty = counts == 0
+        far = jax.lax.top_k(dist, k)[1]  # [K]
+        rank = jnp.clip(jnp.cumsum(empty) - 1, 0, k - 1)
+        new = jnp.where(empty[:, None], x[far[rank]], new)
+        return new, labels
+
+    def cond(carry):
+        _, _, it, done = carry
+        return (it < max_iter) & ~done
+
+    def body(carry):
+        c, old_labels, it, _ = carry
+        new, labels = update(c)
+        done = (jnp.max(jnp.abs(new - c)) <= tol) | jnp.all(labels == old_labels)
+        return new, labels, it + 1, done
+
+    init = (cents, jnp.full((n,), -1, jnp.int32), jnp.int32(0), jnp.bool_(False))
+    cents, _, n_iter, converged = jax.lax.while_loop(cond, body, init)
+    labels, dist = assign_rows(cents)
+    counts = jnp.sum(jax.nn.one_hot(labels, k, dtype=jnp.float32), axis=0)
+    return KMeansResult(centroids=cents, labels=labels, counts=counts, inertia=jnp.sum(dist),
+                        n_iter=n_iter, converged=converged)
+
+
+def kmeans_fit_batched(keys, x, k: int, *, max_iter: int = 20, tol=1e-4, metric: str = "euclidean",
+                       n_trials=None) -> KMeansResult:
+    """K-means++ then Lloyd on ``B`` independent small problems at once. Jittable, vmapped over problems.
+
+    The per-problem algorithm is that of :func:`kmeans_fit` (greedy K-means++ with
+    ``n_trials`` candidates per step, Lloyd stopping at a fixed point or when the
+    L-inf centroid shift is below ``tol``, empty clusters re-seeded with the farthest
+    rows), but every problem's rows are held whole on one device, as one image's
+    pixels are: no row sharding, no padding. Sums over rows are taken with
+    :func:`gansem.sharding.rows_tdot` (fixed summation order), so with threefry keys (JAX's
+    default; ``rbg`` draws change under ``vmap``) a problem's result does not depend on which
+    other problems share its batch or device. Spread the
+    batch over devices by sharding its leading axis (e.g. with
+    :func:`gansem.batching.map_batches`).
+
+    Args:
+        keys: ``[B]`` PRNG keys, one per problem.
+        x: ``[B, N, D]`` rows of each problem.
+        k: number of clusters (static; the caller guarantees ``1 <= k <= N``).
+        max_iter, tol: Lloyd stopping rule.
+        metric: ``"euclidean"`` or ``"cosine"``.
+        n_trials: K-means++ candidates per step (``None``: ``2 + int(ln K)``).
+
+    Returns:
+        :class:`KMeansResult` whose fields have a leading ``[B]`` axis: ``centroids [B, K, D]``,
+        ``labels [B, N]`` int32, ``counts [B, K]``, ``inertia [B]``, ``n_iter [B]``, ``converged [B]``.
+    """
+    _check_metric(metric)
+    if x.ndim != 3:
+        raise ValueError(f"x must be [B, N, D], got shape {tuple(x.shape)}")
+    if not 1 <= int(k) <= x.shape[1]:
+        raise ValueError(f"k must be in [1, {x.shape[1]}] (rows per problem), got {k}")
+    fit = functools.partial(_dense_kmeans, k=int(k), trials=_trials(k, n_trials), max_iter=int(max_iter),
+                            tol=jnp.float32(tol), metric=metric)
+    return jax.vmap(fit)(keys, jnp.asarray(x, jnp.float32))
