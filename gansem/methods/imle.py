@@ -264,8 +264,10 @@ class IMLEState(NamedTuple):
     opt_state: Any
 
 
-def _cluster_keys(key, cluster_ids):
-    return jax.vmap(lambda c: jax.random.fold_in(key, c))(cluster_ids)
+def _cluster_noise(key, cluster_ids, n: int):
+    """``[C, n]`` standard normals, row c from ``fold_in(key, cluster_ids[c])``: one RNG op per program
+    (each threefry op costs a second or more of XLA:CPU compile time)."""
+    return jax.vmap(lambda c: jax.random.normal(jax.random.fold_in(key, c), (n,), jnp.float32))(cluster_ids)
 
 
 def _optimizer(config: IMLEConfig):
@@ -273,16 +275,33 @@ def _optimizer(config: IMLEConfig):
 
 
 def init_state(config: IMLEConfig, key, cluster_ids) -> IMLEState:
-    """Fresh mappings for ``cluster_ids [C]``; cluster c's weights are drawn from ``fold_in(key, c)``. Jittable."""
-    model = config.model()
+    """Fresh mappings for ``cluster_ids [C]``; cluster c's weights are drawn from ``fold_in(key, c)``. Jittable.
 
-    def one(k):
-        v = model.init(k, jnp.zeros((2, config.e_dim), jnp.float32), train=False)
-        return v["params"], v["batch_stats"]
-
-    params, stats = jax.vmap(one)(_cluster_keys(key, jnp.asarray(cluster_ids, jnp.int32)))
+    Shapes first (``jax.eval_shape`` of the module's init), then one normal draw per cluster
+    cut into the kernels, scaled by ``1/sqrt(fan_in)`` (LeCun normal); BatchNorm starts at
+    scale 1, bias 0, mean 0, variance 1.
+    """
+    shapes = jax.eval_shape(functools.partial(config.model().init, train=False), jax.random.key(0),
+                            jnp.zeros((2, config.e_dim), jnp.float32))
+    kernels = {name: leaf["kernel"].shape for name, leaf in shapes["params"].items() if "kernel" in leaf}
+    noise = _cluster_noise(key, jnp.asarray(cluster_ids, jnp.int32), sum(a * b for a, b in kernels.values()))
+    c, params, start = noise.shape[0], {}, 0
+    for name, leaf in shapes["params"].items():
+        if name in kernels:
+            fan_in, fan_out = kernels[name]
+            w = noise[:, start:start + fan_in * fan_out].reshape(c, fan_in, fan_out) / np.sqrt(fan_in)
+            params[name], start = {"kernel": w}, start + fan_in * fan_out
+        else:
+            params[name] = {"scale": jnp.ones((c,) + leaf["scale"].shape), "bias": jnp.zeros((c,) + leaf["bias"].shape)}
+    stats = jax.tree.map(lambda x: jnp.zeros((c,) + x.shape), shapes["batch_stats"])
+    stats = {name: {"mean": v["mean"], "var": v["var"] + 1.0} for name, v in stats.items()}
     return IMLEState(epoch=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
                      opt_state=jax.vmap(_optimizer(config).init)(params))
+
+
+@functools.lru_cache(maxsize=8)
+def _init_program(config: IMLEConfig):
+    return jax.jit(functools.partial(init_state, config))
 
 
 def map_auxiliary(config: IMLEConfig, params, batch_stats, e, *, train: bool = False):
@@ -338,15 +357,14 @@ def _epoch_program(config: IMLEConfig):
     def epoch(state: IMLEState, targets: ClusterTargets, key):
         z, counts, ids = targets
         _, m, _ = z.shape
-        k_aux, k_perm = jax.random.split(key)
-        e = jax.vmap(lambda k: jax.random.normal(k, (gamma, config.e_dim), jnp.float32))(_cluster_keys(k_aux, ids))
+        noise = _cluster_noise(key, ids, gamma * config.e_dim + m)
+        e = noise[:, : gamma * config.e_dim].reshape(-1, gamma, config.e_dim)                  # [C, Γ, aux]
         z_tilde = map_auxiliary(config, state.params, state.batch_stats, e, train=True)   # [C, Γ, d]
         idx, dist = jax.vmap(nn_search)(z, z_tilde)                                       # Eq. 2: [C, M]
         valid = jnp.arange(m)[None, :] < counts[:, None]
         objective = jnp.sum(jnp.where(valid, dist, 0.0), 1) / counts
         e_match = jnp.take_along_axis(e, idx[..., None], 1)                               # [C, M, aux]
-        u = jax.vmap(lambda k: jax.random.uniform(k, (m,)))(_cluster_keys(k_perm, ids))
-        order = jnp.argsort(jnp.where(valid, u, 2.0), axis=1)  # a permutation of each cluster's rows first
+        order = jnp.argsort(jnp.where(valid, noise[:, gamma * config.e_dim:], jnp.inf), axis=1)  # rows shuffled
 
         def step(carry, s):
             p, st, o = carry
@@ -409,8 +427,8 @@ def train_imle(targets: ClusterTargets, key, config: IMLEConfig, *, epochs: int,
 
     Args:
         targets: the clusters' latent codes (:func:`pack_targets`).
-        key: PRNG key; the weights come from ``fold_in(split(key)[0], c)``, epoch ``t`` from
-            ``fold_in(split(key)[1], t)``.
+        key: PRNG key; the weights come from ``fold_in(fold_in(key, 0), c)``, epoch ``t``'s samples
+            from ``fold_in(fold_in(key, 1), t)``.
         config: :class:`IMLEConfig` (``steps_per_epoch=None``: one pass over the largest cluster).
         epochs: train until this many epochs are done.
         run_dir: save Orbax checkpoints in ``run_dir/checkpoints`` (``None``: none).
@@ -430,14 +448,17 @@ def train_imle(targets: ClusterTargets, key, config: IMLEConfig, *, epochs: int,
         raise IMLEError(f"epochs must be >= 0 and checkpoint_every >= 1, got {epochs} and {checkpoint_every}")
     if resume and run_dir is None:
         raise IMLEError("resume=True needs the run_dir holding the checkpoints")
-    k_init, k_train = jax.random.split(key)
-    init = jax.jit(functools.partial(init_state, config))
+    k_init, k_train = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+    init = _init_program(config)
     targets = ClusterTargets(*(jnp.asarray(a) for a in targets))
     state, history, resumed_from = None, [], None
     mngr = checkpoint_manager(run_dir, create=True) if run_dir is not None else None
     try:
         if mngr is not None and resume:
-            restored = _restore(mngr, jax.eval_shape(init, k_init, targets.cluster_ids), run_dir)
+            here = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # as the programs' outputs: no recompile
+            abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=here),
+                                    jax.eval_shape(init, k_init, targets.cluster_ids))
+            restored = _restore(mngr, abstract, run_dir)
             if restored is not None:
                 state, history = restored
                 resumed_from = int(state.epoch)
@@ -483,5 +504,5 @@ def sample_cluster_latents(config: IMLEConfig, state: IMLEState, key, cluster_id
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _sample(config, params, batch_stats, key, cluster_ids, n):
-    e = jax.vmap(lambda k: jax.random.normal(k, (n, config.e_dim), jnp.float32))(_cluster_keys(key, cluster_ids))
+    e = _cluster_noise(key, cluster_ids, n * config.e_dim).reshape(-1, n, config.e_dim)
     return map_auxiliary(config, params, batch_stats, e)
