@@ -18,6 +18,8 @@ __all__ = [
     "cluster_map_figure",
     "trajectory_plot",
     "training_curves_plot",
+    "curves_plot",
+    "image_rows_figure",
 ]
 
 
@@ -167,4 +169,39 @@ def training_curves_plot(steps: Sequence[int], loss: Sequence[float], eval_steps
         ax_v.legend(fontsize=8)
     else:
         ax_v.text(0.5, 0.5, "no validation set", ha="center", va="center", transform=ax_v.transAxes)
+    return _save_figure(fig, path, title)
+
+
+def curves_plot(x: Sequence[float], curves: Mapping[str, Sequence[float]], path: str, *, xlabel: str, ylabel: str,
+                title: Optional[str] = None, log_y: bool = False) -> str:
+    """Several named curves ``y`` against one ``x`` (e.g. an objective per cluster against the epoch)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for name, y in curves.items():
+        ax.plot(x, y, "-", lw=1.6 if name.startswith("mean") else 0.9, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _save_figure(fig, path, title)
+
+
+def image_rows_figure(rows: Mapping[str, np.ndarray], path: str, title: Optional[str] = None,
+                      cell: float = 0.9) -> str:
+    """One labelled row of images per entry: ``{row label: [n, H, W, 3] uint8}`` (rows may differ in n)."""
+    plt = _plt()
+    ncols = max(1, max(len(v) for v in rows.values()))
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(cell * ncols + 1.2, cell * len(rows) + 0.4), squeeze=False)
+    for r, (name, images) in enumerate(rows.items()):
+        for q in range(ncols):
+            ax = axes[r, q]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_visible(False)
+            if q < len(images):
+                ax.imshow(images[q])
+        axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
     return _save_figure(fig, path, title)

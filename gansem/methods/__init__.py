@@ -1,8 +1,14 @@
-"""The seed papers' other methods, each built from gansem's shared pieces (generators, K-means, sharding, UFGS).
+"""The seed papers' other methods, each built from gansem's shared pieces (generators, features, K-means,
+sharding, UFGS, viz).
 
-Modules:
-    stylemix: network-free style-mixing segmentation (seed 003): style summary tensor,
-        per-image K-means, corner-minority and saliency foreground rules.
-    stylemix_run: its run directory: segmentation report and pictures, the cutoff/colour-space
-        ablation, and a foreground-mask dataset in the UFGS format.
+* :mod:`gansem.methods.stylemix` -- network-free style-mixing segmentation (seed 003): style summary
+  tensor, per-image K-means, corner-minority and saliency foreground rules.
+* :mod:`gansem.methods.stylemix_run` -- its run directory: segmentation report and pictures, the
+  cutoff/colour-space ablation, and a foreground-mask dataset in the UFGS format.
+* :mod:`gansem.methods.latent_clusters` -- image-level clusters of a generator layer's
+  representation ``G_[n](z)`` (K-means on the sharded engine), hierarchical refinement,
+  assignment of new latents (cluster-guided synthesis, seed 002, Sec. 3.2).
+* :mod:`gansem.methods.imle` -- per-cluster mappings ``T_c`` trained by IMLE (seed 002, Eq. 2-3).
+* :mod:`gansem.methods.cluster_sampling` -- the cluster-guided sampling job: clusters, IMLE,
+  evaluation (assignment accuracy against the prior), pictures and report.
 """
