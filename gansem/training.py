@@ -18,13 +18,19 @@ which kind of run is meant.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
+from . import sharding, viz
 from .run import jsonable
 
 __all__ = [
@@ -35,12 +41,17 @@ __all__ = [
     "read_json",
     "read_metrics",
     "MetricsLog",
+    "StepTimer",
+    "RunDescription",
     "checkpoint_manager",
     "stored_run",
     "create_run_dir",
     "check_same_settings",
     "restore_latest",
     "restore_step",
+    "save_checkpoint",
+    "close_training",
+    "replicated_state",
 ]
 
 MODEL_FILE = "model.json"
@@ -95,7 +106,9 @@ class MetricsLog:
     """The metric records of a run: in memory (``history``) and appended to ``metrics.jsonl``.
 
     Opening it for a run resumed at step ``start`` rewrites the file with the records up to
-    ``start`` only: those after it belong to steps that are computed again.
+    ``start`` only: those after it belong to steps that are computed again. A training loop
+    hands each step's device metrics to :meth:`defer` and records them with :meth:`flush` every
+    few steps, so the host does not wait for every step.
 
     Args:
         run_dir: the run directory, or ``None`` (records kept in memory only).
@@ -108,6 +121,7 @@ class MetricsLog:
         if self.path is not None:
             with open(self.path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.history)
+        self._pending: list = []
 
     def append(self, rec: dict) -> None:
         """Add one record (a JSON object with a ``step``)."""
@@ -115,6 +129,94 @@ class MetricsLog:
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+
+    def defer(self, step: int, metrics: Mapping) -> None:
+        """Keep a step's metrics (device scalars) to record at the next :meth:`flush`, without waiting for them."""
+        self._pending.append((int(step), metrics))
+
+    @property
+    def num_deferred(self) -> int:
+        """Steps deferred since the last flush."""
+        return len(self._pending)
+
+    def flush(self) -> Optional[dict]:
+        """Fetch the deferred metrics from the devices (one transfer) and record them as ``{"step", name: float}``.
+
+        Returns:
+            The last record (``None`` when nothing was deferred).
+        """
+        if not self._pending:
+            return None
+        values = jax.device_get([m for _, m in self._pending])
+        for (step, _), v in zip(self._pending, values):
+            self.append({"step": step, **{name: float(x) for name, x in v.items()}})
+        self._pending = []
+        return self.history[-1]
+
+
+class StepTimer:
+    """Steps per second of a training call, without its first (compiling) step and the pauses marked as excluded.
+
+    ::
+
+        timer = StepTimer()
+        for t in ...:
+            state, metrics = step(state, batch)
+            timer.step_done(metrics)            # the first call waits for the step, then starts the clock
+            with timer.excluded():              # evaluations, sample grids, checkpoints
+                ...
+        timer.summary(steps_done, batch_size)
+    """
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self._timed_from: Optional[float] = None
+        self._excluded = 0.0
+
+    def step_done(self, outputs) -> None:
+        if self._timed_from is None:
+            jax.block_until_ready(outputs)
+            self._timed_from = time.perf_counter()
+
+    @contextlib.contextmanager
+    def excluded(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._timed_from is not None:
+                self._excluded += time.perf_counter() - t0
+
+    def summary(self, steps_done: int, batch_size: int, excluded: str = "evaluations and checkpoints") -> dict:
+        """``{"seconds", "steps_per_s", "images_per_s", "timing"}`` of the call (rates ``None`` below 2 steps)."""
+        now = time.perf_counter()
+        timed = (now - self._timed_from - self._excluded) if self._timed_from is not None else 0.0
+        rate = (steps_done - 1) / timed if steps_done > 1 and timed > 0 else None
+        return {"seconds": now - self.start, "steps_per_s": rate,
+                "images_per_s": None if rate is None else rate * batch_size,
+                "timing": f"steps/s over the steps of this call after the first (compiling) one, {excluded} excluded"}
+
+
+class RunDescription:
+    """What a trained model's ``model.json`` (``self.meta``) says about its classes and images."""
+
+    meta: dict
+
+    @property
+    def num_classes(self) -> int:
+        """K: class ids are in ``[0, K)``."""
+        return int(self.meta["num_classes"])
+
+    @property
+    def resolution(self) -> int:
+        """The training image size R (images are R × R)."""
+        return int(self.meta["resolution"])
+
+    @property
+    def palette(self) -> np.ndarray:
+        """``[K, 3]`` uint8: the training data's palette, or :func:`gansem.viz.palette` of K."""
+        pal = self.meta.get("palette")
+        return viz.palette(self.num_classes) if pal is None else np.asarray(pal, np.uint8).reshape(-1, 3)
 
 
 def checkpoint_manager(run_dir: str, *, create: bool = False, max_to_keep: int = 2) -> ocp.CheckpointManager:
@@ -241,3 +343,37 @@ def restore_step(run_dir: str, targets: Mapping[str, Any], step: Optional[int], 
             raise error(f"{CHECKPOINT_DIR}/{step} of {run_dir!r} cannot be read ({_short(e)})") from e
     finally:
         mngr.close()
+
+
+def save_checkpoint(mngr, step: int, items: Mapping[str, Any], meta: Mapping) -> None:
+    """Save the pytrees ``items`` (item name -> pytree) and the JSON ``meta`` as checkpoint ``step``."""
+    mngr.save(int(step), args=ocp.args.Composite(
+        **{name: ocp.args.StandardSave(item) for name, item in items.items()}, meta=ocp.args.JsonSave(dict(meta))),
+        force=True)
+
+
+def close_training(bar, batches, mngr) -> None:
+    """End a training loop: close its progress bar and batch iterator, finish and close its checkpoint manager."""
+    bar.close()
+    if hasattr(batches, "close"):
+        batches.close()
+    if mngr is not None:
+        mngr.wait_until_finished()
+        mngr.close()
+
+
+def replicated_state(init_state: Callable, mesh) -> tuple[Any, Any]:
+    """Shapes first, then shardings: the state that ``init_state(seed)`` returns, every leaf replicated on ``mesh``.
+
+    Args:
+        init_state: ``seed uint32 [] -> pytree`` (traced with :func:`jax.eval_shape`; nothing is computed).
+
+    Returns:
+        ``(abstract, shardings)``: the state as ``jax.ShapeDtypeStruct`` leaves carrying their sharding
+        (a target to restore checkpoints into) and the matching pytree of ``NamedSharding`` objects
+        (for ``jax.jit``'s ``in_shardings`` / ``out_shardings``).
+    """
+    repl = sharding.replicated(mesh)
+    shapes = jax.eval_shape(init_state, jax.ShapeDtypeStruct((), jnp.uint32))
+    return (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), shapes),
+            jax.tree.map(lambda _: repl, shapes))

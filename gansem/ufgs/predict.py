@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 
 from .. import sharding, viz
 from ..run import jsonable
-from ..training import (CHECKPOINT_DIR, METRICS_FILE, MODEL_FILE, checkpoint_manager, read_json, read_metrics,
-                        restore_step)
+from ..training import (CHECKPOINT_DIR, METRICS_FILE, MODEL_FILE, RunDescription, checkpoint_manager, read_json,
+                        read_metrics, restore_step)
 from .models import build_model
 
 __all__ = [
@@ -139,8 +139,10 @@ def labels_at_size(model: nn.Module, variables: dict, images: jax.Array, resolut
 
 
 @dataclasses.dataclass(eq=False)
-class TrainedSegmenter:
+class TrainedSegmenter(RunDescription):
     """A segmentation network with its variables and the description of its training.
+
+    ``num_classes``, ``resolution`` and ``palette`` come from ``meta`` (:class:`gansem.training.RunDescription`).
 
     Attributes:
         model: the Flax module (:func:`gansem.ufgs.models.build_model` of ``meta``).
@@ -185,21 +187,6 @@ class TrainedSegmenter:
     @property
     def arch(self) -> str:
         return self.meta["arch"]
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.meta["num_classes"])
-
-    @property
-    def resolution(self) -> int:
-        """The training image size R (images are R × R)."""
-        return int(self.meta["resolution"])
-
-    @property
-    def palette(self) -> np.ndarray:
-        """``[K, 3]`` uint8: the training data's palette, or :func:`gansem.viz.palette` of K."""
-        pal = self.meta.get("palette")
-        return viz.palette(self.num_classes) if pal is None else np.asarray(pal, np.uint8).reshape(-1, 3)
 
     @property
     def class_names(self) -> Optional[tuple]:

@@ -49,7 +49,6 @@ import dataclasses
 import functools
 import json
 import os
-import time
 from typing import Any, Mapping, NamedTuple, Optional
 
 import grain
@@ -57,7 +56,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from .. import sharding, training, viz
@@ -361,9 +359,7 @@ def training_programs(model, resolution: int, lr: float, weight_decay: float, wa
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
                           opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(seed)))
 
-    abstract = jax.eval_shape(init_state, jax.ShapeDtypeStruct((), jnp.uint32))
-    state_sh = jax.tree.map(lambda _: repl, abstract)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), abstract)
+    abstract, state_sh = training.replicated_state(init_state, mesh)
     batch_sh = {"image": rows, "label": rows}
 
     def train_step(state: TrainState, batch: dict):
@@ -550,11 +546,11 @@ def fit_segmenter(source, *, arch: str = "unet", steps: int, batch_size: int = 1
     _log(f"{cfg.arch} on {n_items} pairs ({train_items} trained on; validation: {val_desc}), K={k}, {res} px; "
          f"batch {cfg.batch_size} over {n_dev} {jax.default_backend()} device(s), steps {start} -> {cfg.steps}",
          quiet)
-    t_call = time.perf_counter()
+    timer = training.StepTimer()
     stream = training_batches(source, batch_size=cfg.batch_size, seed=cfg.seed, num_items=train_items)
     batches = iter(stream[start:].to_iter_dataset(grain.ReadOptions(
         num_threads=cfg.data_threads, prefetch_buffer_size=max(2, 2 * cfg.data_threads))))
-    pending, last_eval, last_loss, t_timed, excluded = [], None, None, None, 0.0
+    last_eval, last_loss = None, None
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.arch}", disable=not progress, unit="step")
     try:
         for t in range(start, cfg.steps):
@@ -562,55 +558,34 @@ def fit_segmenter(source, *, arch: str = "unet", steps: int, batch_size: int = 1
             _check_labels(batch["label"], k, cfg.ignore_index, f"training batch of step {t}")
             state, m = progs.step(state, sharding.place_batch(batch, mesh))
             done = t + 1
-            pending.append((done, m))
-            if t_timed is None:  # the first step compiles: time the steps after it
-                jax.block_until_ready(m)
-                t_timed = time.perf_counter()
+            log.defer(done, m)
+            timer.step_done(m)  # the first step compiles: time the steps after it
             is_eval = val_ds is not None and (done % cfg.eval_every == 0 or done == cfg.steps)
             is_ckpt = mngr is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
-            if len(pending) >= cfg.log_every or is_eval or is_ckpt or done == cfg.steps:
-                for s, v in zip((s for s, _ in pending), jax.device_get([v for _, v in pending])):
-                    record({"step": s, "loss": float(v["loss"]), "lr": float(v["lr"])})
-                last_loss = history[-1]["loss"]
+            if log.num_deferred >= cfg.log_every or is_eval or is_ckpt or done == cfg.steps:
+                last_loss = log.flush()["loss"]
                 bar.set_postfix(loss=f"{last_loss:.4f}")
-                pending = []
             bar.update(1)
-            t0 = time.perf_counter()
-            if is_eval:
-                last_eval = evaluate(state)
-                record({"step": done, **{a: b for a, b in last_eval.items() if a != "val_iou"}})
-                if not quiet:
-                    (bar.write if progress else print)(
-                        f"[gansem] step {done}: validation pixel accuracy {last_eval['val_pixel_accuracy']:.4f}, "
-                        f"mIoU {last_eval['val_miou']:.4f}, loss {last_eval['val_loss']:.4f}")
-            if is_ckpt:
-                mngr.save(done, args=ocp.args.Composite(
-                    model=ocp.args.StandardSave(_state_items(state)["model"]),
-                    train=ocp.args.StandardSave(_state_items(state)["train"]),
-                    meta=ocp.args.JsonSave({"step": done, "loss": last_loss})),
-                    force=True)
-            if t_timed is not None and (is_eval or is_ckpt):
-                excluded += time.perf_counter() - t0
+            with timer.excluded():
+                if is_eval:
+                    last_eval = evaluate(state)
+                    record({"step": done, **{a: b for a, b in last_eval.items() if a != "val_iou"}})
+                    if not quiet:
+                        (bar.write if progress else print)(
+                            f"[gansem] step {done}: validation pixel accuracy {last_eval['val_pixel_accuracy']:.4f}, "
+                            f"mIoU {last_eval['val_miou']:.4f}, loss {last_eval['val_loss']:.4f}")
+                if is_ckpt:
+                    training.save_checkpoint(mngr, done, _state_items(state), {"step": done, "loss": last_loss})
         jax.block_until_ready(state)
     finally:
-        bar.close()
-        if hasattr(batches, "close"):
-            batches.close()
-        if mngr is not None:
-            mngr.wait_until_finished()
-            mngr.close()
-    seconds = time.perf_counter() - t_call
+        training.close_training(bar, batches, mngr)
     done_now = max(0, cfg.steps - start)
-    timed_s = (time.perf_counter() - t_timed - excluded) if t_timed is not None else 0.0
-    steps_per_s = (done_now - 1) / timed_s if done_now > 1 and timed_s > 0 else None
+    timing = timer.summary(done_now, cfg.batch_size)
     if val_ds is not None and last_eval is None and start >= cfg.steps:
         last_eval = evaluate(state)
     summary = {
         "steps": int(state.step), "resumed_from": start if stored is not None else None,
-        "steps_this_call": done_now, "seconds": seconds,
-        "steps_per_s": steps_per_s, "images_per_s": None if steps_per_s is None else steps_per_s * cfg.batch_size,
-        "timing": "steps/s over the steps of this call after the first (compiling) one, evaluations and "
-                  "checkpoints excluded",
+        "steps_this_call": done_now, **timing,
         "devices": n_dev, "backend": jax.default_backend(), "batch_size": cfg.batch_size,
         "final_loss": history_loss(history),
         "final_val": last_eval,
