@@ -272,6 +272,27 @@ def test_cli_trains_and_the_synthesizer_offers_held_out_examples(tmp_path, capsy
     assert cli.main(argv + ["--resume", "--quiet"]) == 0  # already at step 4: nothing to train
 
 
+@pytest.mark.slow
+def test_style_encoder_variant_trains_resumes_and_synthesizes(blobs, tmp_path):
+    """use_vae (encoder + KL), InstanceNorm and no spectral norm: no BatchNorm or power-iteration state at all."""
+    cfg = SpadeConfig(**{**TINY_MODEL.__dict__, "use_vae": True, "norm": "instance", "spectral": False,
+                         "z_dim": 4, "e_ndf": 2})
+    kw = {**TINY, "config": cfg, "steps": 2, "sample_every": 1, "checkpoint_every": 1}
+    out = str(tmp_path / "vae")
+    first = fit_uscs(blobs, out_dir=out, mesh=sharding.make_mesh(1), **{**kw, "steps": 1})
+    synth = fit_uscs(blobs, out_dir=out, mesh=sharding.make_mesh(1), resume=True, **kw)
+    recs = read_metrics(out)
+    assert [r["step"] for r in recs] == [1, 2] and all(np.isfinite(r["g_kl"]) and r["g_kl"] >= 0 for r in recs)
+    assert recs[0]["g_loss"] == pytest.approx(recs[0]["g_adv"] + 10 * recs[0]["g_fm"] + 0.05 * recs[0]["g_kl"],
+                                              rel=1e-5)
+    assert set(synth.variables["params"]) == {"generator", "encoder"} and first.step == 1
+    loaded = load_synthesizer(out)
+    mask = blobs.labels[0]
+    a, b = loaded.generate(mask, seed=0), loaded.generate(mask, seed=1)
+    np.testing.assert_array_equal(a, loaded.generate(mask, seed=0))  # the seed draws the style vector
+    assert not np.array_equal(a, b)
+
+
 # -- slow: processes -----------------------------------------------------------------------------
 
 
