@@ -47,6 +47,8 @@ UFGS (Sec. 5) lives in :mod:`gansem.ufgs` and is imported from there (it needs g
 array_record, which ``import gansem`` does not load): ``ufgs.dataset.write_dataset`` and
 ``ufgs.records.open_dataset`` (pair datasets), ``ufgs.models.build_model`` (UNet, DeepLabV3),
 ``ufgs.train.fit_segmenter``, ``ufgs.predict.TrainedSegmenter``, ``ufgs.evaluate.ufgs_table``.
+USCS (Sec. 5, a SPADE generator trained on those pairs) lives in :mod:`gansem.uscs` likewise:
+``uscs.models`` (SPADE networks), ``uscs.train.fit_uscs``, ``uscs.synth.load_synthesizer``.
 """
 
 from . import batching, evaluation, features, generators, metrics, pipeline, run, segment, sharding, zoo

@@ -20,6 +20,7 @@ __all__ = [
     "training_curves_plot",
     "curves_plot",
     "image_rows_figure",
+    "gan_curves_plot",
 ]
 
 
@@ -139,6 +140,25 @@ def trajectory_plot(ks: Sequence[int], min_iou: Sequence[float], merge_ecos: Seq
     return _save_figure(fig, path, dpi=120)
 
 
+def _loss_panel(ax, steps: Sequence[int], curves: Mapping[str, Sequence[float]], ylabel: str) -> None:
+    """Loss curves against the step on ``ax``; a long noisy curve also gets its running mean."""
+    colors = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+    values = [v for c in curves.values() for v in c]
+    for (name, loss), color in zip(curves.items(), colors):
+        long = len(loss) > 50
+        ax.plot(steps, loss, lw=0.8, color=color, alpha=0.4 if long else 1.0, label=None if long else name)
+        if long:  # a running mean shows the trend under the step-to-step noise
+            w = max(5, len(loss) // 50)
+            smooth = np.convolve(np.asarray(loss, float), np.ones(w) / w, mode="valid")
+            ax.plot(np.asarray(steps)[w - 1:], smooth, lw=1.2, color=color, label=f"{name} (mean of {w})")
+    if len(curves) > 1 or any(len(c) > 50 for c in curves.values()):
+        ax.legend(fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_yscale("log" if values and min(values) > 0 else "linear")
+    ax.grid(alpha=0.3)
+
+
 def training_curves_plot(steps: Sequence[int], loss: Sequence[float], eval_steps: Sequence[int],
                          eval_curves: Mapping[str, Sequence[float]], path: str, title: Optional[str] = None) -> str:
     """Training loss (left) and validation curves such as mIoU (right) against the step.
@@ -149,16 +169,7 @@ def training_curves_plot(steps: Sequence[int], loss: Sequence[float], eval_steps
     """
     plt = _plt()
     fig, (ax_l, ax_v) = plt.subplots(1, 2, figsize=(9.6, 3.6))
-    ax_l.plot(steps, loss, lw=0.8, color="tab:blue", alpha=0.5 if len(loss) > 50 else 1.0, label="loss")
-    if len(loss) > 50:  # a running mean shows the trend under the step-to-step noise
-        w = max(5, len(loss) // 50)
-        smooth = np.convolve(np.asarray(loss, float), np.ones(w) / w, mode="valid")
-        ax_l.plot(np.asarray(steps)[w - 1:], smooth, lw=1.2, color="tab:blue", label=f"mean of {w}")
-        ax_l.legend(fontsize=8)
-    ax_l.set_xlabel("step")
-    ax_l.set_ylabel("training loss (pixel cross-entropy)")
-    ax_l.set_yscale("log" if len(loss) and min(loss) > 0 else "linear")
-    ax_l.grid(alpha=0.3)
+    _loss_panel(ax_l, steps, {"loss": loss}, "training loss (pixel cross-entropy)")
     for name, values in eval_curves.items():
         ax_v.plot(eval_steps, values, "-o", ms=3, label=name)
     ax_v.set_xlabel("step")
@@ -204,4 +215,18 @@ def image_rows_figure(rows: Mapping[str, np.ndarray], path: str, title: Optional
             if q < len(images):
                 ax.imshow(images[q])
         axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
+    return _save_figure(fig, path, title)
+
+
+def gan_curves_plot(steps: Sequence[int], g_curves: Mapping[str, Sequence[float]],
+                    d_curves: Mapping[str, Sequence[float]], path: str, title: Optional[str] = None) -> str:
+    """The generator's (left) and the discriminator's (right) loss terms against the step.
+
+    Args:
+        steps: the logged steps; ``g_curves`` / ``d_curves``: name -> one value per logged step.
+    """
+    plt = _plt()
+    fig, (ax_g, ax_d) = plt.subplots(1, 2, figsize=(9.6, 3.6))
+    _loss_panel(ax_g, steps, g_curves, "generator loss")
+    _loss_panel(ax_d, steps, d_curves, "discriminator loss")
     return _save_figure(fig, path, title)

@@ -18,34 +18,11 @@ import os
 import sys
 
 import _common  # first: puts gansem on the import path
-import numpy as np
 
 from gansem import sharding
 from gansem.ufgs import records
 from gansem.ufgs.models import ARCHS
 from gansem.ufgs.train import fit_segmenter
-
-
-def load_training_data(path: str):
-    """The pairs in ``path``: a UFGS dataset directory or a ``launch/segment.py`` .npz."""
-    if os.path.isdir(path):
-        return records.open_dataset(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--data {path!r} does not exist (give a UFGS dataset folder or an .npz)")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in ("images", "labels", "k") if k not in z.files]
-            if missing:
-                raise ValueError(f"--data {path!r} has no {', '.join(missing)}: expected the .npz of "
-                                 "launch/segment.py (images, labels, k)")
-            images, labels, k = z["images"], z["labels"], int(z["k"])
-    except (OSError, EOFError) as e:
-        raise ValueError(f"--data {path!r} cannot be read as an .npz ({e})") from e
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"--data {path!r}: images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
-    if labels.shape != images.shape[:3]:
-        raise ValueError(f"--data {path!r}: labels must be [N, H, W] = {images.shape[:3]}, got {labels.shape}")
-    return records.ArrayPairs(images, labels.astype(np.int32), k)
 
 
 def _model_arg(text: str):
@@ -98,7 +75,7 @@ def main(argv=None) -> int:
     args, status = _common.parse_with_devices(build_parser(), argv)
     if status:
         return status
-    source = load_training_data(args.data)
+    source = records.load_pairs(args.data)
     mesh = sharding.make_mesh(args.devices)
     seg = fit_segmenter(
         source, arch=args.arch, steps=args.steps, batch_size=args.batch_size, out_dir=args.out, resume=args.resume,

@@ -21,7 +21,7 @@ from gansem.ufgs import train
 from gansem.ufgs.predict import SegmenterRunError, TrainedSegmenter, read_metrics
 from gansem.ufgs.train import (confusion_scores, default_val_samples, fit_segmenter, learning_rate_schedule,
                                pixel_cross_entropy, training_batches)
-from ufgs_pairs import Pairs, colour_blobs
+from ufgs_pairs import Pairs, cli_error, colour_blobs, segment_npz
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "launch"))
@@ -279,13 +279,6 @@ def test_out_of_range_labels_are_reported(blobs):
 # -- command line -----------------------------------------------------------------------------
 
 
-def _segment_npz(path, images, labels, k):
-    """The layout launch/segment.py writes."""
-    np.savez_compressed(path, images=images, labels=labels.astype(np.int32), k=np.int32(k),
-                        latents=np.zeros((len(images), 4), np.float32))
-    return str(path)
-
-
 def test_cli_help_and_errors(tmp_path, capsys, blobs):
     cli = importlib.import_module("train_segmenter")
     with pytest.raises(SystemExit) as e:
@@ -299,24 +292,21 @@ def test_cli_help_and_errors(tmp_path, capsys, blobs):
     base = ["--arch", "unet", "--steps", "2", "--out", str(tmp_path / "r"), "--no-progress", "--quiet"]
 
     def error(argv):
-        assert cli.main(argv) == 2
-        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
-        assert len(lines) == 1
-        return lines[0]
+        return cli_error(cli, argv, capsys)
 
     assert "does not exist" in error(["--data", str(tmp_path / "none.npz")] + base)
     bad = tmp_path / "bad.npz"
     np.savez(bad, images=blobs.images)
     assert "has no labels, k" in error(["--data", str(bad)] + base)
-    good = _segment_npz(tmp_path / "seg.npz", blobs.images, blobs.labels, 3)
+    good = segment_npz(tmp_path / "seg.npz", blobs.images, blobs.labels, 3)
     assert "multiple of 8" in error(["--data", good, "--batch-size", "4", "--devices", "8"] + base)
     assert "no option" in error(["--data", good, "--model-arg", "depth=3"] + base)
     assert not os.path.exists(tmp_path / "r")  # every check comes before the run directory is created
 
 
-def test_cli_trains_on_a_segment_npz(tmp_path, capsys, blobs):
+def test_cli_trains_on_asegment_npz(tmp_path, capsys, blobs):
     cli = importlib.import_module("train_segmenter")
-    data = _segment_npz(tmp_path / "seg.npz", blobs.images, blobs.labels, 3)
+    data = segment_npz(tmp_path / "seg.npz", blobs.images, blobs.labels, 3)
     out = str(tmp_path / "run")
     argv = ["--data", data, "--arch", "unet", "--steps", "6", "--schedule-steps", "6", "--out", out,
             "--batch-size", "8", "--lr", "0.02", "--val-samples", "8", "--eval-every", "3", "--checkpoint-every",
@@ -335,7 +325,7 @@ def test_cli_trains_on_a_segment_npz(tmp_path, capsys, blobs):
 def test_cli_sigkill_then_resume_equals_uninterrupted(tmp_path):
     """launch/train_segmenter.py killed (SIGKILL) after its first checkpoint, then --resume: the same run."""
     images, labels = colour_blobs(64, 32, seed=2)
-    data = _segment_npz(tmp_path / "seg.npz", images, labels, 3)
+    data = segment_npz(tmp_path / "seg.npz", images, labels, 3)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
 

@@ -1,4 +1,5 @@
-"""Test data for the UFGS tests: an in-memory pair source and a trivially learnable labelling.
+"""Test data for the UFGS and USCS tests: an in-memory pair source, a trivially learnable labelling,
+the ``.npz`` layout of ``launch/segment.py`` and a launch script's one-line errors.
 
 :class:`Pairs` follows the protocol of ``gansem.ufgs.records`` (``len``, ``[i] -> {"image",
 "label", ...}``, ``num_classes``, ``resolution``, ``palette``, ``class_names``, ``meta``)
@@ -43,3 +44,18 @@ def colour_blobs(n, size, seed=0, noise=4.0):
     labels = smooth.argmax(-1).astype(np.int32)
     images = np.clip(np.round(smooth + rng.normal(0, noise, smooth.shape)), 0, 255).astype(np.uint8)
     return images, labels
+
+
+def segment_npz(path, images, labels, k):
+    """Write pairs in the layout launch/segment.py writes (images, labels, k, latents); returns the path."""
+    np.savez_compressed(path, images=images, labels=labels.astype(np.int32), k=np.int32(k),
+                        latents=np.zeros((len(images), 4), np.float32))
+    return str(path)
+
+
+def cli_error(cli, argv, capsys) -> str:
+    """Run a launch script's ``main(argv)``, expect exit status 2 and exactly one ``error:`` line; return it."""
+    assert cli.main(argv) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, lines
+    return lines[0]

@@ -34,12 +34,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import sharding, viz
 from ..run import jsonable
+from ..training import (CHECKPOINT_DIR, METRICS_FILE, MODEL_FILE, RunDescription, checkpoint_manager, read_json,
+                        read_metrics, restore_step)
 from .models import build_model
 
 __all__ = [
@@ -59,9 +60,6 @@ __all__ = [
     "write_predictions",
 ]
 
-MODEL_FILE = "model.json"
-CHECKPOINT_DIR = "checkpoints"
-METRICS_FILE = "metrics.jsonl"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
@@ -76,50 +74,11 @@ def read_model_json(run_dir: str) -> dict:
         SegmenterRunError: no (readable) ``model.json``: not a segmenter run directory.
     """
     path = os.path.join(run_dir, MODEL_FILE)
-    if not os.path.isfile(path):
-        raise SegmenterRunError(f"{run_dir!r} is not a segmenter run directory (no {MODEL_FILE}); "
-                                "train one with launch/train_segmenter.py")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SegmenterRunError(f"{path} cannot be read as JSON ({e}); the file is damaged") from e
+    meta = read_json(path, SegmenterRunError, f"{run_dir!r} is not a segmenter run directory (no {MODEL_FILE}); "
+                                              "train one with launch/train_segmenter.py")
     if not isinstance(meta, dict) or not {"arch", "num_classes", "resolution", "model_kwargs"} <= set(meta):
         raise SegmenterRunError(f"{path} does not describe a gansem segmenter")
     return meta
-
-
-def read_metrics(run_dir: str, max_step: Optional[int] = None) -> list[dict]:
-    """The records of ``metrics.jsonl`` (``[]`` if there is none), only those with ``step <= max_step`` if given.
-
-    A last line cut short by a killed process is skipped.
-    """
-    path = os.path.join(run_dir, METRICS_FILE)
-    if not os.path.isfile(path):
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if max_step is None or rec.get("step", 0) <= max_step:
-                out.append(rec)
-    return out
-
-
-def checkpoint_manager(run_dir: str, *, create: bool = False, max_to_keep: int = 2) -> ocp.CheckpointManager:
-    """The Orbax manager of ``run_dir/checkpoints`` (synchronous saves, the latest ``max_to_keep`` kept).
-
-    Saves are atomic (Orbax finalises a step by renaming its folder), so a process
-    killed during a save leaves the previous steps intact.
-    """
-    return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(run_dir), CHECKPOINT_DIR),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
-                                             enable_async_checkpointing=False),
-    )
 
 
 def abstract_variables(model: nn.Module, resolution: int, sharding_=None) -> dict:
@@ -150,31 +109,11 @@ def restore_variables(run_dir: str, model: nn.Module, resolution: int, step: Opt
     Raises:
         SegmenterRunError: no checkpoint, no such step (the kept steps are named), or a damaged step.
     """
-    mngr = checkpoint_manager(run_dir)
-    try:
-        steps = sorted(mngr.all_steps())
-        if not steps:
-            raise SegmenterRunError(f"{run_dir!r} has no checkpoint yet (training has not reached its first "
-                                    "checkpoint); resume the training or wait for it")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise SegmenterRunError(f"{run_dir!r} has no checkpoint at step {step}; kept steps: "
-                                    f"{', '.join(map(str, steps))}")
-        where = (sharding.replicated(mesh) if mesh is not None
-                 else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-        target = abstract_variables(model, resolution, where)
-        try:
-            out = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as e:  # Orbax/tensorstore raise ValueError, FileNotFoundError, ...
-            msg = str(e).split(" [tensorstore_spec=")[0][:400]
-            raise SegmenterRunError(f"{CHECKPOINT_DIR}/{step} of {run_dir!r} cannot be read "
-                                    f"({type(e).__name__}: {msg})") from e
-        return dict(out["model"]), int(step)
-    finally:
-        mngr.close()
+    where = (sharding.replicated(mesh) if mesh is not None
+             else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    step, out = restore_step(run_dir, {"model": abstract_variables(model, resolution, where)}, step,
+                             error=SegmenterRunError)
+    return dict(out["model"]), step
 
 
 def labels_at_size(model: nn.Module, variables: dict, images: jax.Array, resolution: int) -> jax.Array:
@@ -200,8 +139,10 @@ def labels_at_size(model: nn.Module, variables: dict, images: jax.Array, resolut
 
 
 @dataclasses.dataclass(eq=False)
-class TrainedSegmenter:
+class TrainedSegmenter(RunDescription):
     """A segmentation network with its variables and the description of its training.
+
+    ``num_classes``, ``resolution`` and ``palette`` come from ``meta`` (:class:`gansem.training.RunDescription`).
 
     Attributes:
         model: the Flax module (:func:`gansem.ufgs.models.build_model` of ``meta``).
@@ -246,21 +187,6 @@ class TrainedSegmenter:
     @property
     def arch(self) -> str:
         return self.meta["arch"]
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.meta["num_classes"])
-
-    @property
-    def resolution(self) -> int:
-        """The training image size R (images are R × R)."""
-        return int(self.meta["resolution"])
-
-    @property
-    def palette(self) -> np.ndarray:
-        """``[K, 3]`` uint8: the training data's palette, or :func:`gansem.viz.palette` of K."""
-        pal = self.meta.get("palette")
-        return viz.palette(self.num_classes) if pal is None else np.asarray(pal, np.uint8).reshape(-1, 3)
 
     @property
     def class_names(self) -> Optional[tuple]:

@@ -64,7 +64,9 @@ Reading::
     pipeline = grain.MapDataset.source(ds).shuffle(seed=0).batch(32)
 
 :class:`ArrayPairs` is the same kind of source over arrays in memory (labelled real
-images, small experiments), with the same item keys.
+images, small experiments), with the same item keys. :func:`load_pairs` opens either a
+dataset directory or the ``.npz`` that ``launch/segment.py`` writes (what the training
+scripts take as ``--data``).
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ __all__ = [
     "PairDataset",
     "ArrayPairs",
     "open_dataset",
+    "load_pairs",
 ]
 
 FORMAT_NAME = "gansem-ufgs-pairs"
@@ -531,3 +534,35 @@ class ArrayPairs:
         if self.class_labels is not None:
             item["class_label"] = int(self.class_labels[i])
         return item
+
+
+def load_pairs(path: str):
+    """The pairs in ``path``: a dataset directory (:func:`open_dataset`) or a ``launch/segment.py`` ``.npz``.
+
+    The ``.npz`` holds ``images`` uint8 ``[N, H, W, 3]``, ``labels`` int ``[N, H, W]`` and ``k``
+    (other arrays, e.g. ``latents``, are ignored); it is read into an :class:`ArrayPairs`.
+
+    Raises:
+        DatasetError: ``path`` does not exist, is a damaged dataset, or an ``.npz`` without those
+            arrays or with other shapes.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return open_dataset(path)
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path!r} does not exist (give a UFGS dataset folder or an .npz)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ("images", "labels", "k") if k in z.files}
+    except (OSError, EOFError, ValueError) as e:
+        raise DatasetError(f"{path!r} cannot be read as an .npz ({e})") from e
+    missing = [k for k in ("images", "labels", "k") if k not in arrays]
+    if missing:
+        raise DatasetError(f"{path!r} has no {', '.join(missing)}: expected the .npz of launch/segment.py "
+                           "(images, labels, k)")
+    images, labels, k = arrays["images"], arrays["labels"], int(arrays["k"])
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise DatasetError(f"{path!r}: images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
+    if labels.shape != images.shape[:3]:
+        raise DatasetError(f"{path!r}: labels must be [N, H, W] = {images.shape[:3]}, got {labels.shape}")
+    return ArrayPairs(images, labels.astype(np.int32), k)

@@ -49,8 +49,6 @@ import dataclasses
 import functools
 import json
 import os
-import sys
-import time
 from typing import Any, Mapping, NamedTuple, Optional
 
 import grain
@@ -58,14 +56,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from .. import sharding, viz
+from .. import sharding, training, viz
 from ..run import jsonable
+from ..training import CHECKPOINT_DIR, METRICS_FILE, MODEL_FILE, checkpoint_manager
 from .models import ARCHS, build_model
-from .predict import (CHECKPOINT_DIR, METRICS_FILE, MODEL_FILE, SegmenterRunError, TrainedSegmenter,
-                      checkpoint_manager, read_metrics, read_model_json)
+from .predict import SegmenterRunError, TrainedSegmenter, read_model_json
 
 __all__ = [
     "TrainState",
@@ -294,13 +291,6 @@ def _log(msg: str, quiet: bool) -> None:
         print(f"[gansem] {msg}", flush=True)
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(jsonable(obj), f, indent=2)
-    os.replace(tmp, path)
-
-
 def _normalised_kwargs(kwargs: Optional[Mapping]) -> dict:
     """Model options as JSON values (tuples as lists, dtypes as names), as ``model.json`` stores them."""
     out = {}
@@ -314,34 +304,7 @@ def _normalised_kwargs(kwargs: Optional[Mapping]) -> dict:
 
 def _stored_run(out_dir: str, resume: bool) -> Optional[dict]:
     """The ``model.json`` of the run in ``out_dir`` to resume; ``None`` if ``out_dir`` is new or empty."""
-    if os.path.isfile(os.path.join(out_dir, MODEL_FILE)):
-        if not resume:
-            raise SegmenterRunError(f"{out_dir!r} already holds a segmenter training run; pass resume=True "
-                                    "(--resume) to continue it, or choose a new directory")
-        return read_model_json(out_dir)
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise SegmenterRunError(f"{out_dir!r} exists and is not a segmenter run directory (no {MODEL_FILE}); "
-                                "choose a new or empty directory")
-    return None
-
-
-def _create_run_dir(out_dir: str, meta: dict) -> None:
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        _write_json(os.path.join(out_dir, MODEL_FILE), meta)
-    except OSError as e:
-        raise SegmenterRunError(f"cannot create the run directory {out_dir!r} ({e.strerror or e}); "
-                                "choose a writable location") from e
-
-
-def _check_same_settings(out_dir: str, stored: dict, settings: dict) -> None:
-    old = stored.get("fixed", {})
-    diff = [k for k in FIXED_SETTINGS if k in old and old[k] != settings[k]]
-    if diff:
-        was = ", ".join(f"{k}={json.dumps(old[k])}" for k in diff)
-        now = ", ".join(f"{k}={json.dumps(settings[k])}" for k in diff)
-        raise SegmenterRunError(f"cannot resume {out_dir!r}: it was created with {was}, this call has {now}; "
-                                "resume with the run's settings (and data), or train into a new directory")
+    return training.stored_run(out_dir, resume, read_meta=read_model_json, error=SegmenterRunError, what="segmenter")
 
 
 def _state_items(state: TrainState) -> dict:
@@ -351,25 +314,12 @@ def _state_items(state: TrainState) -> dict:
 
 def _restore_state(mngr, abstract: TrainState, out_dir: str) -> Optional[TrainState]:
     """The latest checkpoint that loads (an older kept one, with a warning, if the latest is damaged)."""
-    steps = sorted(mngr.all_steps(), reverse=True)
-    target = _state_items(abstract)  # ShapeDtypeStructs with the mesh's shardings: restored in place
-    errors = []
-    for step in steps:
-        try:
-            out = mngr.restore(step, args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(target["model"]), train=ocp.args.StandardRestore(target["train"])))
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as e:  # Orbax/tensorstore: ValueError, FileNotFoundError, JSONDecodeError, ...
-            errors.append(f"{CHECKPOINT_DIR}/{step}: {type(e).__name__}: {str(e).split(' [tensorstore_spec=')[0][:300]}")
-            print(f"[gansem] warning: {errors[-1]}; trying an older checkpoint", file=sys.stderr, flush=True)
-            continue
-        m, t = out["model"], out["train"]
-        return TrainState(step=t["step"], params=m["params"], batch_stats=m["batch_stats"],
-                          opt_state=t["opt_state"], rng=t["rng"])
-    if errors:
-        raise SegmenterRunError(f"cannot resume {out_dir!r}: no kept checkpoint loads ({'; '.join(errors)})")
-    return None
+    found = training.restore_latest(mngr, _state_items(abstract), out_dir, error=SegmenterRunError)
+    if found is None:
+        return None
+    m, t = found[1]["model"], found[1]["train"]
+    return TrainState(step=t["step"], params=m["params"], batch_stats=m["batch_stats"], opt_state=t["opt_state"],
+                      rng=t["rng"])
 
 
 class TrainingPrograms(NamedTuple):
@@ -409,9 +359,7 @@ def training_programs(model, resolution: int, lr: float, weight_decay: float, wa
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
                           opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(seed)))
 
-    abstract = jax.eval_shape(init_state, jax.ShapeDtypeStruct((), jnp.uint32))
-    state_sh = jax.tree.map(lambda _: repl, abstract)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), abstract)
+    abstract, state_sh = training.replicated_state(init_state, mesh)
     batch_sh = {"image": rows, "label": rows}
 
     def train_step(state: TrainState, batch: dict):
@@ -531,7 +479,8 @@ def fit_segmenter(source, *, arch: str = "unet", steps: int, batch_size: int = 1
                 "warmup": cfg.warmup, "schedule_steps": cfg.schedule_steps, "ignore_index": cfg.ignore_index,
                 "source_items": n_items, "train_items": train_items, "val": val_desc}
     if stored is not None:
-        _check_same_settings(out_dir, stored, settings)
+        training.check_same_settings(out_dir, stored.get("fixed", {}), settings, FIXED_SETTINGS,
+                                     error=SegmenterRunError)
 
     meta = {"format": "gansem.ufgs.segmenter", "version": 1, "arch": cfg.arch, "model_kwargs": cfg.model_kwargs,
             "num_classes": k, "resolution": res, "palette": data["palette"], "class_names": data["class_names"],
@@ -539,7 +488,7 @@ def fit_segmenter(source, *, arch: str = "unet", steps: int, batch_size: int = 1
                      **dict(data_info or {})},
             "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}, "fixed": settings}
     if out_dir is not None and stored is None:
-        _create_run_dir(out_dir, meta)  # only now: every check above comes before a folder appears
+        training.create_run_dir(out_dir, meta, error=SegmenterRunError)  # only now: every check above comes before a folder appears
     elif stored is not None:
         meta = stored
 
@@ -558,17 +507,8 @@ def fit_segmenter(source, *, arch: str = "unet", steps: int, batch_size: int = 1
             _log(f"resuming {out_dir} from step {start}", quiet)
     if state is None:
         state = progs.init(np.uint32(cfg.seed))
-    history = read_metrics(out_dir, start) if out_dir is not None else []
-    metrics_path = os.path.join(out_dir, METRICS_FILE) if out_dir is not None else None
-    if metrics_path is not None:  # drop the records of steps after the checkpoint: they are recomputed
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in history)
-
-    def record(rec: dict) -> None:
-        history.append(rec)
-        if metrics_path is not None:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+    log = training.MetricsLog(out_dir, start)  # drops the records of steps after the checkpoint: recomputed
+    history, record = log.history, log.append
 
     # -- validation ------------------------------------------------------------------------
     if val_source is not None:
@@ -606,11 +546,11 @@ def fit_segmenter(source, *, arch: str = "unet", steps: int, batch_size: int = 1
     _log(f"{cfg.arch} on {n_items} pairs ({train_items} trained on; validation: {val_desc}), K={k}, {res} px; "
          f"batch {cfg.batch_size} over {n_dev} {jax.default_backend()} device(s), steps {start} -> {cfg.steps}",
          quiet)
-    t_call = time.perf_counter()
+    timer = training.StepTimer()
     stream = training_batches(source, batch_size=cfg.batch_size, seed=cfg.seed, num_items=train_items)
     batches = iter(stream[start:].to_iter_dataset(grain.ReadOptions(
         num_threads=cfg.data_threads, prefetch_buffer_size=max(2, 2 * cfg.data_threads))))
-    pending, last_eval, last_loss, t_timed, excluded = [], None, None, None, 0.0
+    last_eval, last_loss = None, None
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.arch}", disable=not progress, unit="step")
     try:
         for t in range(start, cfg.steps):
@@ -618,55 +558,34 @@ def fit_segmenter(source, *, arch: str = "unet", steps: int, batch_size: int = 1
             _check_labels(batch["label"], k, cfg.ignore_index, f"training batch of step {t}")
             state, m = progs.step(state, sharding.place_batch(batch, mesh))
             done = t + 1
-            pending.append((done, m))
-            if t_timed is None:  # the first step compiles: time the steps after it
-                jax.block_until_ready(m)
-                t_timed = time.perf_counter()
+            log.defer(done, m)
+            timer.step_done(m)  # the first step compiles: time the steps after it
             is_eval = val_ds is not None and (done % cfg.eval_every == 0 or done == cfg.steps)
             is_ckpt = mngr is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
-            if len(pending) >= cfg.log_every or is_eval or is_ckpt or done == cfg.steps:
-                for s, v in zip((s for s, _ in pending), jax.device_get([v for _, v in pending])):
-                    record({"step": s, "loss": float(v["loss"]), "lr": float(v["lr"])})
-                last_loss = history[-1]["loss"]
+            if log.num_deferred >= cfg.log_every or is_eval or is_ckpt or done == cfg.steps:
+                last_loss = log.flush()["loss"]
                 bar.set_postfix(loss=f"{last_loss:.4f}")
-                pending = []
             bar.update(1)
-            t0 = time.perf_counter()
-            if is_eval:
-                last_eval = evaluate(state)
-                record({"step": done, **{a: b for a, b in last_eval.items() if a != "val_iou"}})
-                if not quiet:
-                    (bar.write if progress else print)(
-                        f"[gansem] step {done}: validation pixel accuracy {last_eval['val_pixel_accuracy']:.4f}, "
-                        f"mIoU {last_eval['val_miou']:.4f}, loss {last_eval['val_loss']:.4f}")
-            if is_ckpt:
-                mngr.save(done, args=ocp.args.Composite(
-                    model=ocp.args.StandardSave(_state_items(state)["model"]),
-                    train=ocp.args.StandardSave(_state_items(state)["train"]),
-                    meta=ocp.args.JsonSave({"step": done, "loss": last_loss})),
-                    force=True)
-            if t_timed is not None and (is_eval or is_ckpt):
-                excluded += time.perf_counter() - t0
+            with timer.excluded():
+                if is_eval:
+                    last_eval = evaluate(state)
+                    record({"step": done, **{a: b for a, b in last_eval.items() if a != "val_iou"}})
+                    if not quiet:
+                        (bar.write if progress else print)(
+                            f"[gansem] step {done}: validation pixel accuracy {last_eval['val_pixel_accuracy']:.4f}, "
+                            f"mIoU {last_eval['val_miou']:.4f}, loss {last_eval['val_loss']:.4f}")
+                if is_ckpt:
+                    training.save_checkpoint(mngr, done, _state_items(state), {"step": done, "loss": last_loss})
         jax.block_until_ready(state)
     finally:
-        bar.close()
-        if hasattr(batches, "close"):
-            batches.close()
-        if mngr is not None:
-            mngr.wait_until_finished()
-            mngr.close()
-    seconds = time.perf_counter() - t_call
+        training.close_training(bar, batches, mngr)
     done_now = max(0, cfg.steps - start)
-    timed_s = (time.perf_counter() - t_timed - excluded) if t_timed is not None else 0.0
-    steps_per_s = (done_now - 1) / timed_s if done_now > 1 and timed_s > 0 else None
+    timing = timer.summary(done_now, cfg.batch_size)
     if val_ds is not None and last_eval is None and start >= cfg.steps:
         last_eval = evaluate(state)
     summary = {
         "steps": int(state.step), "resumed_from": start if stored is not None else None,
-        "steps_this_call": done_now, "seconds": seconds,
-        "steps_per_s": steps_per_s, "images_per_s": None if steps_per_s is None else steps_per_s * cfg.batch_size,
-        "timing": "steps/s over the steps of this call after the first (compiling) one, evaluations and "
-                  "checkpoints excluded",
+        "steps_this_call": done_now, **timing,
         "devices": n_dev, "backend": jax.default_backend(), "batch_size": cfg.batch_size,
         "final_loss": history_loss(history),
         "final_val": last_eval,
@@ -695,8 +614,8 @@ def _write_outputs(out_dir: str, history: list, summary: dict, meta: dict) -> No
     viz.training_curves_plot([r["step"] for r in train], [r["loss"] for r in train], [r["step"] for r in evals],
                              curves, os.path.join(out_dir, "curves.png"),
                              title=f"{meta['arch']}, K={meta['num_classes']}, {meta['resolution']} px")
-    _write_json(os.path.join(out_dir, "summary.json"), summary)
-    _write_json(os.path.join(out_dir, "manifest.json"), {
+    training.write_json(os.path.join(out_dir, "summary.json"), summary)
+    training.write_json(os.path.join(out_dir, "manifest.json"), {
         "kind": "gansem UFGS segmenter run",
         "files": {
             MODEL_FILE: "architecture, model options, K, resolution, palette, class names, data, training config "
