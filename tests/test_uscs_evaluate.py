@@ -1,15 +1,27 @@
 """USCS evaluation: mask recovery by a segmenter, and the Fréchet distance in its feature space."""
 
+import os
+import sys
+
 import jax
 import numpy as np
 import pytest
 import scipy.linalg
 
-from gansem.uscs.evaluate import (evaluate_synthesizers, frechet_distance, mask_recovery, report_markdown,
-                                  segmenter_features, write_report, examples_figure)
 from gansem.ufgs.models import build_model
 from gansem.ufgs.predict import TrainedSegmenter
+from gansem.ufgs.records import ArrayPairs
+from gansem.ufgs.train import fit_segmenter
+from gansem.uscs.evaluate import (evaluate_synthesizers, evaluate_uscs_run, examples_figure, frechet_distance,
+                                  initial_synthesizer, mask_recovery, report_markdown, segmenter_features,
+                                  write_report)
+from gansem.uscs.models import spade_config
+from gansem.uscs.synth import load_synthesizer
+from gansem.uscs.train import fit_uscs
+from ufgs_pairs import cli_error, colour_blobs, segment_npz
 from uscs_fake import FakeSynthesizer
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch"))
 
 K, R = 4, 16
 
@@ -92,3 +104,44 @@ def test_report_of_a_trained_and_an_initial_generator(tmp_path):
     assert png.endswith("ex.png")
     with pytest.raises(ValueError, match="same classes"):
         evaluate_synthesizers({"x": FakeSynthesizer(num_classes=3, resolution=R)}, seg, images, masks)
+
+
+# -- the run-level driver and its command line ------------------------------------------------------
+
+
+def test_cli_help_and_a_missing_run(tmp_path, capsys):
+    import evaluate_uscs
+    with pytest.raises(SystemExit):
+        evaluate_uscs.main(["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--model", "--segmenter", "--out", "--step", "--num-pairs", "--seed", "--batch-size",
+                 "--num-examples", "--no-progress"):
+        assert flag in out
+    line = cli_error(evaluate_uscs, ["--model", str(tmp_path / "none"), "--segmenter", str(tmp_path),
+                                     "--out", str(tmp_path / "o")], capsys)
+    assert "none" in line and "Traceback" not in line
+    assert "--num-pairs must be >= 1" in cli_error(
+        evaluate_uscs, ["--model", "m", "--segmenter", "s", "--out", "o", "--num-pairs", "0"], capsys)
+
+
+@pytest.mark.slow
+def test_a_trained_run_against_its_initial_weights(tmp_path):
+    """Tiny SPADE and UNet runs on the same pairs: the report has both generators, the ceiling and the figure."""
+    images, labels = colour_blobs(24, 16, seed=2)
+    data = segment_npz(tmp_path / "pairs.npz", images, labels, 3)
+    pairs = ArrayPairs(images, labels, 3)
+    tiny = spade_config("cpu", ngf=2, mults=(2, 1), spade_hidden=4, ndf=4, d_layers=2)
+    fit_uscs(pairs, config=tiny, steps=2, batch_size=4, eval_samples=8, num_samples=4, sample_every=2,
+             checkpoint_every=2, out_dir=str(tmp_path / "uscs"), progress=False, quiet=True,
+             data_info={"path": data})
+    fit_segmenter(pairs, arch="unet", model_kwargs={"features": [4, 8]}, steps=2, batch_size=4, val_samples=8,
+                  out_dir=str(tmp_path / "seg"), progress=False, quiet=True)
+    synth = load_synthesizer(str(tmp_path / "uscs"))
+    initial = initial_synthesizer(synth)
+    assert initial.step == 0 and not np.array_equal(initial.generate(labels[:1]), synth.generate(labels[:1]))
+    report = evaluate_uscs_run(str(tmp_path / "uscs"), str(tmp_path / "seg"), str(tmp_path / "eval"),
+                               batch_size=4, num_examples=2, progress=False)
+    assert report["pairs"] == 8 and report["step"] == 2
+    assert set(report["rows"]) == {"trained (2 steps)", "initial weights (0 steps)"}
+    for name in ("report.json", "report.md", "examples.png", "manifest.json"):
+        assert (tmp_path / "eval" / name).exists()

@@ -2,8 +2,9 @@
 
 The server (gansem.uscs.server) runs on 127.0.0.1 on a free port in a thread, with the fake
 synthesiser of tests/uscs_fake.py (K = 4, R = 32), so every image the page shows can be
-compared with the one the fake draws for the mask read back from the page's canvas. One
-browser for the module; each test reloads the page.
+compared with the one the fake draws for the mask read back from the page's canvas; the last
+test serves a real SPADE run directory (numpy-initialised generator) the way launch/paint.py
+does. One browser for the module; each test reloads the page.
 
 Needs Debian's Chromium (``/usr/bin/chromium``, or ``GANSEM_CHROMIUM=path``) and the
 ``playwright`` package (``bash scripts/setup.sh --test`` installs both; Playwright's own
@@ -24,7 +25,10 @@ import pytest
 from PIL import Image
 
 from gansem.uscs import server
+from gansem.uscs.models import build_models, spade_config
+from gansem.uscs.synth import load_synthesizer
 from uscs_fake import FakeSynthesizer
+from uscs_runs import write_untrained_run
 
 try:
     from playwright.sync_api import sync_playwright
@@ -351,3 +355,54 @@ def test_server_errors_are_shown_on_the_page(page):
     _screenshot(page, "06-server-error.png")
     _generate(page)  # a good request clears the message
     assert page.is_hidden("#error")
+
+
+# -- the page on a real SPADE run ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def spade_run(tmp_path_factory):
+    """A USCS run directory (K = 3, R = 32) with a numpy-initialised SPADE generator, as launch/paint.py loads it."""
+    run = str(tmp_path_factory.mktemp("spade") / "run")
+    model = spade_config("cpu", ngf=2, mults=(2, 1), spade_hidden=4, ndf=4, d_layers=2)
+    write_untrained_run(run, build_models(model, 3, R), step=2)
+    meta_path = os.path.join(run, "model.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta["palette"] = [[70, 130, 180], [230, 190, 60], [200, 60, 80]]  # distinct colours to read the canvas back
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    return load_synthesizer(run)
+
+
+def test_the_page_serves_a_real_spade_run(browser, spade_run):
+    """Two classes painted, Generate: the SPADE generator's image of exactly that mask, R × R; it follows the mask."""
+    srv = server.make_server(spade_run, port=0, log_requests=False)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(60_000)  # the first request compiles the generator
+        page.goto(f"http://127.0.0.1:{srv.port}/")
+        page.wait_for_selector("body[data-ready=true]")
+        page.keyboard.press("2")
+        _stroke(page, [(3, 24), (28, 26)])
+        page.keyboard.press("3")
+        _stroke(page, [(16, 3), (16, 15)])
+        mask = _mask(page, spade_run)
+        assert set(np.unique(mask)) == {0, 1, 2}
+        first = _generate(page)
+        np.testing.assert_array_equal(first, spade_run.generate(mask))
+        page.keyboard.press("2")
+        _stroke(page, [(2, 2), (12, 10)])
+        mask2 = _mask(page, spade_run)
+        second = _generate(page)
+        assert not np.array_equal(second, first)
+        np.testing.assert_array_equal(second, spade_run.generate(mask2))
+        _screenshot(page, "07-real-spade-run.png")
+    finally:
+        context.close()
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)

@@ -39,9 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from .. import viz
+from .. import sharding, viz
 from ..metrics import contingency
+from ..ufgs.predict import TrainedSegmenter
 from ..ufgs.train import confusion_scores
+from .synth import Synthesizer, UscsRunError, load_synthesizer
+from .train import gan_programs, generator_items
 
 __all__ = [
     "RecoveryScores",
@@ -54,6 +57,9 @@ __all__ = [
     "report_markdown",
     "examples_figure",
     "write_report",
+    "initial_synthesizer",
+    "held_out_pairs",
+    "evaluate_uscs_run",
 ]
 
 
@@ -262,3 +268,81 @@ def write_report(report: Mapping, out_dir: str, *, class_names=None, manifest: O
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     return manifest
+
+
+# -- a run against its initial weights -------------------------------------------------------
+
+
+def initial_synthesizer(synth: Synthesizer) -> Synthesizer:
+    """The run's generator at step 0: the same architecture with the weights its training started from.
+
+    The initial state is a pure function of the run's seed (:func:`gansem.uscs.train.gan_programs`),
+    so this is exactly "the same generator trained for zero steps".
+    """
+    cfg = synth.meta["config"]
+    progs = gan_programs(synth.models, float(cfg["g_lr"]), float(cfg["d_lr"]), float(cfg["beta1"]),
+                         float(cfg["beta2"]), float(cfg["lambda_fm"]), float(cfg["lambda_kl"]), sharding.make_mesh(1))
+    state = progs.init(np.uint32(cfg["seed"]))
+    return Synthesizer(models=synth.models, variables=jax.device_get(generator_items(state)), meta=synth.meta, step=0,
+                       run_dir=synth.run_dir)
+
+
+def held_out_pairs(synth: Synthesizer, num: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``num`` (default: all) example pairs of the run: ``uint8 [n, R, R, 3]``, ``int32 [n, R, R]``.
+
+    These are the pairs the run held out of training (see :meth:`Synthesizer.example`).
+
+    Raises:
+        UscsRunError: the run's dataset is gone, or holds fewer than 4 pairs.
+    """
+    n = synth.num_examples if num is None else min(int(num), synth.num_examples)
+    if n < 4:
+        raise UscsRunError(f"the run {synth.run_dir} has {synth.num_examples} example pairs (its dataset "
+                           f"{(synth.meta.get('data') or {}).get('path')!r} is missing or too small); evaluation "
+                           "needs at least 4")
+    pairs = [synth.example(i) for i in range(n)]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]).astype(np.int32)
+
+
+def _labelling_id(meta: Mapping) -> Optional[str]:
+    """The KLiSH classifier's hash that labelled a run's training pairs (``None`` if unknown)."""
+    return ((meta.get("data") or {}).get("meta") or {}).get("classifier_sha256")
+
+
+def evaluate_uscs_run(run_dir: str, segmenter_dir: str, out_dir: str, *, step: Optional[int] = None,
+                      num_pairs: Optional[int] = None, seed: int = 0, batch_size: int = 32, num_examples: int = 8,
+                      progress: bool = True) -> dict:
+    """Score a USCS run on its held-out pairs against its initial weights; write the report.
+
+    Args:
+        run_dir: a run of :func:`gansem.uscs.train.fit_uscs`; ``step`` its checkpoint (default latest).
+        segmenter_dir: a UFGS segmenter run trained on pairs of the same KLiSH classifier.
+        out_dir: where ``report.json``, ``report.md``, ``examples.png`` and ``manifest.json`` go.
+        num_pairs: held-out pairs to use (default all).
+        seed: style seed of the first batch; batch_size: images per call.
+
+    Returns:
+        The report of :func:`evaluate_synthesizers` (without the generated images) plus the run,
+        step and segmenter.
+
+    Raises:
+        UscsRunError / SegmenterRunError (ValueErrors): a missing or damaged run, or a segmenter of other classes.
+    """
+    synth = load_synthesizer(run_dir, step)
+    seg = TrainedSegmenter.load(segmenter_dir)
+    a, b = _labelling_id(synth.meta), _labelling_id(seg.meta)
+    if a and b and a != b:
+        raise UscsRunError(f"the segmenter {segmenter_dir} was trained on pairs of another KLiSH classifier than "
+                           f"the run {run_dir} (classifier hashes {b[:12]}… and {a[:12]}…): its classes differ")
+    images, masks = held_out_pairs(synth, num_pairs)
+    synths = {f"trained ({synth.step} steps)": synth, "initial weights (0 steps)": initial_synthesizer(synth)}
+    report = evaluate_synthesizers(synths, seg, images, masks, seed=seed, batch_size=batch_size, progress=progress)
+    report.update(run=os.path.abspath(run_dir), step=synth.step, segmenter=os.path.abspath(segmenter_dir),
+                  segmenter_step=seg.step)
+    manifest = {"examples.png": "held-out pairs: mask | real | S(real) | per generator: image | S(image) "
+                                "(S: the segmenter)"}
+    os.makedirs(out_dir, exist_ok=True)
+    examples_figure(images, masks, report["samples"], seg, synth.palette, os.path.join(out_dir, "examples.png"),
+                    num=num_examples, batch_size=batch_size)
+    write_report(report, out_dir, class_names=synth.class_names, manifest=manifest)
+    return {k: v for k, v in report.items() if k != "samples"}
