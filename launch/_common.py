@@ -71,6 +71,14 @@ def add_classifier_args(p) -> None:
 
 
 def parse_with_devices(parser, argv):
-    """``(args, status)``: parsed flags, and an exit status if ``--devices`` cannot be set up (else ``None``)."""
+    """Parsed flags, with ``--devices`` set up before JAX starts.
+
+    Raises:
+        sharding.DeviceError: the devices cannot be provided (a :data:`USER_ERRORS` exception:
+            a ``main`` decorated with :func:`user_errors` prints it as one ``error:`` line, status 2).
+    """
     args = parser.parse_args(argv)
-    return args, setup_devices(args.devices)
+    err = sharding.setup_devices_from_cli(args.devices)
+    if err:
+        raise sharding.DeviceError(err)
+    return args

@@ -101,9 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @_common.user_errors
 def main(argv=None) -> int:
-    args, status = _common.parse_with_devices(build_parser(), argv)
-    if status:
-        return status
+    args = _common.parse_with_devices(build_parser(), argv)
     levels = (LevelSpec(args.layer, args.clusters, args.pool),) + tuple(args.refine)
     config = ClusterSamplingConfig(
         generator=args.checkpoint or args.generator, truncation=args.truncation, levels=levels,

@@ -109,9 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @_common.user_errors
 def main(argv=None) -> int:
-    args, status = _common.parse_with_devices(build_parser(), argv)
-    if status:
-        return status
+    args = _common.parse_with_devices(build_parser(), argv)
     out = args.out or os.path.join(args.run, "eval")
     res = evaluate_run(
         args.run, args.labels, args.k, args.baselines, args.num_samples, args.eval_seed,

@@ -156,9 +156,7 @@ def klish_run_of(model_cfg: dict):
 
 @_common.user_errors
 def main(argv=None) -> int:
-    args, status = _common.parse_with_devices(build_parser(), argv)
-    if status:
-        return status
+    args = _common.parse_with_devices(build_parser(), argv)
     for flag in ("repeats", "batch_size", "few_shot_batch_size"):
         if getattr(args, flag) < 1:
             return _common.fail(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")

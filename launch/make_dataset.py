@@ -61,9 +61,7 @@ def _command(argv) -> str:
 
 @_common.user_errors
 def main(argv=None) -> int:
-    args, status = _common.parse_with_devices(build_parser(), argv)
-    if status:
-        return status
+    args = _common.parse_with_devices(build_parser(), argv)
     mesh = sharding.make_mesh(args.devices) if args.devices else None
     seg = Segmenter.from_run(args.run, k=args.k, threshold=args.threshold, mesh=mesh)
     write_dataset(seg, args.out, num_samples=args.num_samples, seed=args.seed, shard_size=args.shard_size,

@@ -83,9 +83,7 @@ def build_parser():
 
 @_common.user_errors
 def main(argv=None) -> int:
-    args, status = _common.parse_with_devices(build_parser(), argv)
-    if status:
-        return status
+    args = _common.parse_with_devices(build_parser(), argv)
     if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
         return _common.fail(f"--out {args.out!r} exists and is not an empty folder; choose a new folder")
     if args.batch_size < 1:

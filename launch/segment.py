@@ -62,9 +62,7 @@ def _check_out(path: str):
 
 @_common.user_errors
 def main(argv=None) -> int:
-    args, status = _common.parse_with_devices(build_parser(), argv)
-    if status:
-        return status
+    args = _common.parse_with_devices(build_parser(), argv)
     err = _check_out(args.out)  # before any work: a run of many samples must not fail at the very end
     if err:
         return _common.fail(err)

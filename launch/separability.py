@@ -68,9 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @_common.user_errors
 def main(argv=None) -> int:
-    args, status = _common.parse_with_devices(build_parser(), argv)
-    if status:
-        return status
+    args = _common.parse_with_devices(build_parser(), argv)
     out = args.out or (os.path.join(args.run, "separability") if args.run else "separability")
     res = separability_experiment(
         args.labels, run_dir=args.run, generator=args.generator, num_train=args.num_train,

@@ -94,9 +94,7 @@ def build_parser():
 
 @_common.user_errors
 def main(argv=None) -> int:
-    args, status = _common.parse_with_devices(build_parser(), argv)
-    if status:
-        return status
+    args = _common.parse_with_devices(build_parser(), argv)
     gen, params, meta = load_generator(args.generator)
     if args.truncation is not None:
         gen = gen.with_settings(truncation=args.truncation)

@@ -72,9 +72,7 @@ def build_parser():
 
 @_common.user_errors
 def main(argv=None) -> int:
-    args, status = _common.parse_with_devices(build_parser(), argv)
-    if status:
-        return status
+    args = _common.parse_with_devices(build_parser(), argv)
     source = records.load_pairs(args.data)
     mesh = sharding.make_mesh(args.devices)
     seg = fit_segmenter(

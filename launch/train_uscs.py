@@ -91,9 +91,7 @@ def build_parser():
 
 @_common.user_errors
 def main(argv=None) -> int:
-    args, status = _common.parse_with_devices(build_parser(), argv)
-    if status:
-        return status
+    args = _common.parse_with_devices(build_parser(), argv)
     config = spade_config(args.config, ngf=args.ngf, mults=args.mults, blocks=args.blocks,
                           spade_hidden=args.spade_hidden, norm=args.norm, spectral=False if args.no_spectral else None,
                           use_vae=True if args.use_vae else None, z_dim=args.z_dim, ndf=args.ndf,
