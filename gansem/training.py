@@ -281,18 +281,22 @@ def _short(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).split(' [tensorstore_spec=')[0][:300]}"
 
 
-def _restore(mngr, step: int, targets: Mapping[str, Any]) -> dict:
-    out = mngr.restore(step, args=ocp.args.Composite(
-        **{name: ocp.args.StandardRestore(t) for name, t in targets.items()}))
-    return {name: out[name] for name in targets}
+def _restore(mngr, step: int, targets: Mapping[str, Any], with_meta: bool = False) -> dict:
+    args = {name: ocp.args.StandardRestore(t) for name, t in targets.items()}
+    if with_meta:
+        args["meta"] = ocp.args.JsonRestore()
+    out = mngr.restore(step, args=ocp.args.Composite(**args))
+    return {name: out[name] for name in args}
 
 
-def restore_latest(mngr, targets: Mapping[str, Any], out_dir: str, *, error: type) -> Optional[tuple[int, dict]]:
+def restore_latest(mngr, targets: Mapping[str, Any], out_dir: str, *, error: type,
+                   with_meta: bool = False) -> Optional[tuple[int, dict]]:
     """The items ``targets`` of the latest checkpoint that loads, restored into their abstract targets.
 
     Args:
         mngr: the run's :func:`checkpoint_manager`.
         targets: item name -> pytree of ``jax.ShapeDtypeStruct`` (with shardings: restored in place).
+        with_meta: also return the JSON ``meta`` item of :func:`save_checkpoint` (under ``"meta"``).
 
     Returns:
         ``(step, {name: pytree})``, or ``None`` when there is no checkpoint. A damaged step is
@@ -304,7 +308,7 @@ def restore_latest(mngr, targets: Mapping[str, Any], out_dir: str, *, error: typ
     errors = []
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
-            return int(step), _restore(mngr, step, targets)
+            return int(step), _restore(mngr, step, targets, with_meta)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:  # Orbax/tensorstore: ValueError, FileNotFoundError, JSONDecodeError, ...

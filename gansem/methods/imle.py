@@ -39,7 +39,7 @@ then decreases), measured with the epoch's fresh auxiliary samples.
 
 **Checkpoints.** :func:`train_imle` saves the stacked state with Orbax every
 ``checkpoint_every`` epochs (the latest two kept, via
-:func:`gansem.ufgs.predict.checkpoint_manager`); epoch ``t`` draws its random numbers
+:func:`gansem.training.checkpoint_manager`); epoch ``t`` draws its random numbers
 from ``fold_in(key, t)`` only, so N epochs, then a resumed run to 2N, gives the same
 bits as 2N epochs in one go, also after the process was killed.
 """
@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
@@ -56,10 +55,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from ..ufgs.predict import checkpoint_manager
+from .. import training
+
 
 __all__ = [
     "MappingNet",
@@ -401,25 +400,6 @@ class IMLEResult(NamedTuple):
     resumed_from: Optional[int]
 
 
-def _restore(mngr, abstract: IMLEState, where: str):
-    """The latest loadable checkpoint ``(state, history)``; an older kept one if the latest is damaged."""
-    errors = []
-    for step in sorted(mngr.all_steps(), reverse=True):
-        try:
-            out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract._asdict()),
-                                                             meta=ocp.args.JsonRestore()))
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as e:  # Orbax / tensorstore: ValueError, FileNotFoundError, JSONDecodeError, ...
-            errors.append(f"checkpoints/{step}: {type(e).__name__}: {str(e).split(' [tensorstore_spec=')[0][:300]}")
-            print(f"[gansem] warning: {errors[-1]}; trying an older checkpoint", file=sys.stderr, flush=True)
-            continue
-        return IMLEState(**out["state"]), list(out["meta"]["history"])
-    if errors:
-        raise IMLEError(f"cannot resume {where!r}: no kept checkpoint loads ({'; '.join(errors)})")
-    return None
-
-
 def train_imle(targets: ClusterTargets, key, config: IMLEConfig, *, epochs: int, run_dir: Optional[str] = None,
                resume: bool = False, checkpoint_every: int = 10, progress: bool = False,
                on_epoch: Optional[Callable[[dict], None]] = None) -> IMLEResult:
@@ -452,15 +432,16 @@ def train_imle(targets: ClusterTargets, key, config: IMLEConfig, *, epochs: int,
     init = _init_program(config)
     targets = ClusterTargets(*(jnp.asarray(a) for a in targets))
     state, history, resumed_from = None, [], None
-    mngr = checkpoint_manager(run_dir, create=True) if run_dir is not None else None
+    mngr = training.checkpoint_manager(run_dir, create=True) if run_dir is not None else None
     try:
         if mngr is not None and resume:
             here = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # as the programs' outputs: no recompile
             abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=here),
                                     jax.eval_shape(init, k_init, targets.cluster_ids))
-            restored = _restore(mngr, abstract, run_dir)
+            restored = training.restore_latest(mngr, {"state": abstract._asdict()}, run_dir, error=IMLEError,
+                                               with_meta=True)
             if restored is not None:
-                state, history = restored
+                state, history = IMLEState(**restored[1]["state"]), list(restored[1]["meta"]["history"])
                 resumed_from = int(state.epoch)
                 history = history[:resumed_from]
         if state is None:
@@ -478,10 +459,8 @@ def train_imle(targets: ClusterTargets, key, config: IMLEConfig, *, epochs: int,
                 bar.set_postfix(objective=f"{np.mean(rec['objective']):.3f}")
                 bar.update(1)
                 if mngr is not None and ((t + 1) % checkpoint_every == 0 or t + 1 == epochs):
-                    mngr.save(t + 1, args=ocp.args.Composite(state=ocp.args.StandardSave(state._asdict()),
-                                                             meta=ocp.args.JsonSave({"epoch": t + 1,
-                                                                                     "history": history})),
-                              force=True)
+                    training.save_checkpoint(mngr, t + 1, {"state": state._asdict()},
+                                             {"epoch": t + 1, "history": history})
     finally:
         if mngr is not None:
             mngr.wait_until_finished()
