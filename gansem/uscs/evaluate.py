@@ -144,8 +144,7 @@ def segmenter_features(segmenter, images, batch_size: int = 64) -> np.ndarray:
     if images.ndim != 4 or images.shape[1:] != (r, r, 3) or images.dtype != np.uint8:
         raise ValueError(f"segmenter_features takes uint8 [N, {r}, {r}, 3], got {images.dtype} {images.shape}")
     program = _feature_program(segmenter.model)
-    variables = jax.device_get(segmenter.variables)
-    out = [np.asarray(program(variables, images[s:s + batch_size]), np.float64)
+    out = [np.asarray(program(segmenter.variables, images[s:s + batch_size]), np.float64)
            for s in range(0, len(images), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, 0))
 
