@@ -35,15 +35,14 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordWriter
 
 from .. import viz
 from ..features import to_uint8
 from ..generators.base import Generator
 from ..metrics import binary_segmentation_metrics
-from ..ufgs.dataset import plan_shards
-from ..ufgs.records import (FORMAT_NAME, FORMAT_VERSION, INDEX_FILE, WRITER_OPTIONS, DatasetError, encode_pair,
-                            file_sha256, label_bits, open_dataset)
+from ..ufgs.dataset import ShardSink, plan_shards
+from ..ufgs.records import (FORMAT_NAME, FORMAT_VERSION, INDEX_FILE, DatasetError, encode_pair, label_bits,
+                            open_dataset)
 from .stylemix import COLOR_SPACES, StyleMixConfig, StyleMixError, iter_segments, segment_samples
 
 __all__ = ["MASK_CLASSES", "MASK_PALETTE", "run_stylemix", "run_ablation", "write_mask_dataset",
@@ -158,8 +157,8 @@ def write_mask_dataset(gen: Generator, params, config: StyleMixConfig, out_dir: 
 
     Sample ``i`` is image ``i`` of the stream ``key`` (:func:`gansem.methods.stylemix.image_inputs`), at the
     clustering resolution; its label is the mask (0 background, 1 foreground) and its latent the structure
-    latent ``z_0``. One compiled program streams the batches into the shards, each written under a temporary
-    name renamed when complete; ``index.json`` says ``complete: true`` at the end (the readers refuse an
+    latent ``z_0``. One compiled program streams the batches into the shards
+    (:class:`gansem.ufgs.dataset.ShardSink`: each written under a temporary name, synced, counted and renamed); ``index.json`` says ``complete: true`` at the end (the readers refuse an
     interrupted write; there is no resume: write again into a new directory).
 
     Returns:
@@ -194,29 +193,16 @@ def write_mask_dataset(gen: Generator, params, config: StyleMixConfig, out_dir: 
     }
     ipath = os.path.join(out_dir, INDEX_FILE)
     _save_json(ipath, meta)
-    shards = iter(meta["shards"])
-    entry, writer, written = None, None, 0
+    sink = ShardSink(out_dir, meta, meta["shards"], retry="then write again into a new directory")
     try:
         for start, stop, out in iter_segments(gen, params, config, key, np.arange(num_samples), mesh=mesh,
                                               batch_size=batch_size, progress=progress, desc="mask dataset"):
             images = to_uint8(out["image"])
             for r in range(stop - start):
-                if writer is None:
-                    entry, written = next(shards), 0
-                    writer = ArrayRecordWriter(os.path.join(out_dir, entry["file"]) + ".tmp", WRITER_OPTIONS)
-                writer.write(encode_pair(images[r], out["mask"][r].astype(np.uint8), num_classes=2,
-                                         index=start + r, latent=out["latent"][r]))
-                written += 1
-                if written == entry["count"]:  # shard finished: close, rename, record size and checksum
-                    writer.close()
-                    writer = None
-                    path = os.path.join(out_dir, entry["file"])
-                    os.replace(path + ".tmp", path)
-                    entry["bytes"], entry["sha256"] = os.path.getsize(path), file_sha256(path)
-                    _save_json(ipath, meta)
+                sink.write(encode_pair(images[r], out["mask"][r].astype(np.uint8), num_classes=2,
+                                       index=start + r, latent=out["latent"][r]))
     finally:
-        if writer is not None:
-            writer.close()
+        sink.close()
     meta["complete"] = True
     _save_json(ipath, meta)
     ds = open_dataset(out_dir)  # read back: the index and every shard's record count

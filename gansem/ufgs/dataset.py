@@ -79,6 +79,7 @@ __all__ = [
     "plan_shards",
     "classifier_sha256",
     "write_dataset",
+    "ShardSink",
 ]
 
 #: Stream offset of UFGS samples (module docstring).
@@ -410,11 +411,21 @@ def write_dataset(segmenter: Segmenter, out_dir: str, *, num_samples: int, seed:
     return summary
 
 
-class _ShardSink:
-    """Writes the records of the shards in ``todo``, in order, each to a temporary file renamed when finished."""
+class ShardSink:
+    """Writes the records of the shards in ``todo``, in order, each to a temporary file renamed when finished.
 
-    def __init__(self, out_dir: str, meta: dict, todo: list[dict]):
-        self.out_dir, self.meta, self.todo = out_dir, meta, todo
+    A finished shard is synced, its record count checked, its size and SHA-256 entered in its
+    entry of ``meta["shards"]`` and ``index.json`` rewritten atomically. Every writer of the
+    UFGS format (:mod:`gansem.ufgs.records`) streams its records through one.
+
+    Args:
+        out_dir: the dataset directory; meta: its index (saved as ``index.json``);
+        todo: the ``meta["shards"]`` entries to write, in order.
+        retry: what the error messages tell the user to do once the disk is fixed.
+    """
+
+    def __init__(self, out_dir: str, meta: dict, todo: list[dict], retry: str = "then rerun with --resume"):
+        self.out_dir, self.meta, self.todo, self.retry = out_dir, meta, todo, retry
         self.j, self.offset, self.writer = 0, 0, None
 
     def _path(self) -> str:
@@ -426,12 +437,12 @@ class _ShardSink:
                 self.writer = ArrayRecordWriter(self._path() + _TMP_SUFFIX, WRITER_OPTIONS)
             except (RuntimeError, OSError) as e:
                 raise DatasetError(f"cannot create {self._path() + _TMP_SUFFIX} ({e}); check the permissions and "
-                                   "free space of --out, then rerun with --resume") from e
+                                   f"free space of --out, {self.retry}") from e
         try:
             self.writer.write(record)
         except RuntimeError as e:
             raise DatasetError(f"cannot write {self._path() + _TMP_SUFFIX} ({e}); check the free space of --out, "
-                               "then rerun with --resume") from e
+                               f"{self.retry}") from e
         self.offset += 1
         if self.offset == self.todo[self.j]["count"]:
             self._finish()
@@ -448,7 +459,7 @@ class _ShardSink:
         reader.close()
         if not ok or count != entry["count"]:
             raise DatasetError(f"{tmp} holds {count} records after writing {entry['count']}; check the free space "
-                               "of --out, then rerun with --resume")
+                               f"of --out, {self.retry}")
         _fsync(tmp)
         entry["bytes"], entry["sha256"] = os.path.getsize(tmp), file_sha256(tmp)
         os.replace(tmp, path)
@@ -479,7 +490,7 @@ def _write_shards(seg: Segmenter, mesh, out_dir: str, meta: dict, todo: list[dic
     batches = map_batches(segment_program(gen, seg.layers), [latents, classes], batch_size=int(meta["batch_size"]),
                           mesh=mesh, bcast_args=(seg.params, np.asarray(seg.W, np.float32),
                                                  np.asarray(seg.b, np.float32)))
-    sink = _ShardSink(out_dir, meta, todo)
+    sink = ShardSink(out_dir, meta, todo)
     bar = tqdm(total=int(meta["num_samples"]), initial=int(meta["num_samples"]) - len(latents), unit="pair",
                desc=f"UFGS pairs K={k}", disable=not progress)
     pending = collections.deque()
