@@ -44,10 +44,9 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from .. import viz
+from .. import training, viz
 from ..batching import map_batches
 from ..features import to_uint8
-from ..run import jsonable
 from ..zoo import load_generator
 from . import imle
 from .latent_clusters import (ClusterLevel, LevelSpec, assign_levels, fit_cluster_levels, hierarchy_description,
@@ -213,13 +212,6 @@ def _save_clusters(run_dir: str, levels, latents, class_labels, labels, leaf) ->
     os.replace(tmp, os.path.join(run_dir, CLUSTERS_FILE))
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(jsonable(obj), f, indent=2)
-    os.replace(tmp, path)
-
-
 def _open_run_dir(out_dir: str, resume: bool, settings: dict) -> bool:
     """Checks ``out_dir`` against the request; ``True`` if it holds the run to resume."""
     path = os.path.join(out_dir, CONFIG_FILE)
@@ -311,7 +303,7 @@ def run_cluster_sampling(config: ClusterSamplingConfig, out_dir: str, *, resume:
     imle_cfg.check()
     os.makedirs(out_dir, exist_ok=True)
     if not resuming:
-        _write_json(os.path.join(out_dir, CONFIG_FILE), {
+        training.write_json(os.path.join(out_dir, CONFIG_FILE), {
             "format": "gansem.cluster_sampling", "version": 1, "config": settings,
             "generator": {"name": gen_meta.get("name"), "family": gen.family, "config": gen.to_config()}})
     key = jax.random.key(cfg.seed)
@@ -423,9 +415,9 @@ def run_cluster_sampling(config: ClusterSamplingConfig, out_dir: str, *, resume:
         "timings": timings, "devices": 1 if mesh is None else int(mesh.devices.size),
         "backend": jax.default_backend(),
     }
-    _write_json(os.path.join(out_dir, "report.json"), report)
+    training.write_json(os.path.join(out_dir, "report.json"), report)
     _write_markdown(os.path.join(out_dir, "report.md"), report, cfg, bool(transfer))
-    _write_json(os.path.join(out_dir, "manifest.json"), {
+    training.write_json(os.path.join(out_dir, "manifest.json"), {
         "kind": "gansem cluster-guided sampling run (seed paper 002)",
         "files": {
             CONFIG_FILE: "settings (fixed at creation except " + ", ".join(RESUMABLE) + ") and the generator",
