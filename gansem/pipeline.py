@@ -373,20 +373,30 @@ def _local_features(gen, params, layers, latents, class_labels, config, mesh, la
     """Raw features ``[stop - start, D]`` of the pixels held by this process's devices, and ``start``.
 
     Pixels are ordered image by image, so the rows ``[start, stop)`` belong to the images
-    ``start // R² .. (stop - 1) // R²``: only those (rounded out to whole batches) are
-    generated here; with one process, all of them.
+    ``start // R² .. (stop - 1) // R²``: only those (rounded out to whole micro-batches) are
+    generated here, batch-parallel over this process's devices of the mesh; with one
+    process, all images over all devices.
+
+    Every device computes micro-batches of ``config.batch_size`` images with one compiled
+    program (:func:`gansem.batching.map_batches` with ``8 × batch_size`` rows per batch).
+    A sample's bits depend on that program's shape, not on the other samples in it, nor on
+    the device count: with a handful of images per call XLA:CPU splits the convolutions'
+    reductions according to the size of its thread pool, which grows with the number of
+    simulated devices, so tiny micro-batches would give other bits in a process that
+    simulates 8 devices than in one that simulates 2. Micro-batches start on multiples of
+    ``batch_size`` in the global image sequence, so every process cuts the images where one
+    process would.
     """
     start, stop = sharding.local_row_range(mesh, layout)
+    if stop <= start:  # this process's devices hold padding only
+        return np.zeros((0, sum(l.channels for l in layers)), np.float32), start
     per_image = config.resolution ** 2
-    # Whole batches of the global sequence of images, each one call of one compiled program (a
-    # sample's bits depend on the shape of the call it is computed in, not on the other samples in
-    # it): every process cuts the images where one process would, so the features are the same.
-    bs = config.batch_size
-    i0 = start // per_image // bs * bs
-    i1 = min(config.num_images, -(-(-(-stop // per_image)) // bs) * bs)
+    micro = config.batch_size
+    i0 = start // per_image // micro * micro
+    i1 = min(config.num_images, -(-(-(-stop // per_image)) // micro) * micro)
     _, feats = extract_features(gen, params, latents[i0:i1], layers, config.resolution,
                                 None if class_labels is None else class_labels[i0:i1],
-                                batch_size=bs, progress=progress)
+                                batch_size=8 * micro, mesh=sharding.local_mesh(mesh), progress=progress)
     if not np.all(np.isfinite(feats)):
         bad = int((~np.isfinite(feats)).any(axis=(1, 2, 3)).sum())
         raise ConfigError(

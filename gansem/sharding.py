@@ -53,6 +53,7 @@ __all__ = [
     "RowData",
     "place_rows",
     "local_row_range",
+    "local_mesh",
     "solve_device",
     "local_copy",
     "initialize_distributed",
@@ -185,6 +186,22 @@ def _multiprocess_mesh(n: int):
                           f"{len(by_proc[short[0]])}; ask for fewer devices (or simulate more per process)")
     devices = [d for ds in by_proc for d in sorted(ds, key=lambda d: d.id)[:per]]
     return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def local_mesh(mesh):
+    """The 1-D mesh of this process's devices of ``mesh``, in mesh order (all of ``mesh`` with one process).
+
+    For work that each process does on its own samples with no collective across
+    processes (generating images and features of the rows it holds): a program over
+    this mesh runs on the process's devices only.
+    """
+
+    mine = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    if not mine:
+        raise DeviceError(f"process {jax.process_index()} holds no device of the mesh")
+    if len(mine) == mesh.devices.size:
+        return mesh
+    return Mesh(np.asarray(mine), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
 def solve_device(mesh):

@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer rule: last layer of each resolution, from high to low resolution, while the total "
                         "channel count stays within this budget")
     g.add_argument("--seed", type=int, default=0, help="seed for latents, K-means++ and everything random")
-    g.add_argument("--batch-size", type=int, default=16, help="generator batch size for feature extraction")
+    g.add_argument("--batch-size", type=int, default=16,
+                   help="images each device generates per step of feature extraction (the features' bits do not "
+                        "depend on it being split over 1 or many devices; lower it if the generator runs out of memory)")
     g = p.add_argument_group("clustering")
     g.add_argument("--k0", type=int, default=100, help="initial number of K-means clusters K0")
     g.add_argument("--no-filter", action="store_true",
