@@ -156,7 +156,8 @@ class IMLEConfig:
         latent_dim: size of the generator's (flattened) latent z.
         aux_dim: size of the auxiliary normal ``e`` (default: ``latent_dim``).
         hidden: width of ``T_c``'s hidden layers.
-        num_aux: Γ, auxiliary samples drawn per cluster and epoch for the matching (Eq. 2).
+        num_aux: Γ, auxiliary samples drawn per cluster and epoch for the matching (Eq. 2), and the
+            size of the fixed draw the reported objective is measured on.
         batch_size: matched pairs per cluster and Adam step (Eq. 3).
         steps_per_epoch: Adam steps per epoch (default: one pass over the largest cluster,
             ``ceil(max count / batch_size)``; set by :func:`pack_targets`'s caller).
