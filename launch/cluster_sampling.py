@@ -4,7 +4,7 @@
 Runbook (the embedded 64×64 DigiFace DCGAN, CPU):
 
     python launch/cluster_sampling.py --out runs/imle-demo              # clusters of block4, C=4
-    python launch/cluster_sampling.py --out runs/imle-demo --resume --epochs 60   # train on
+    python launch/cluster_sampling.py --out runs/imle-demo --resume --epochs 80   # train on
     python launch/cluster_sampling.py --out runs/imle-h --clusters 3 --refine 0:block16:3:4   # hierarchical
 
 BigGAN (the paper's cross-class use: clusters and T_c on one class, applied to others):
@@ -82,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--imle-batch-size", type=int, default=d.imle_batch_size, help="matched pairs per Adam step")
     g.add_argument("--steps-per-epoch", type=int, default=None,
                    help="Adam steps per epoch (default: one pass over the largest cluster)")
-    g.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    g.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate of the first epoch")
+    g.add_argument("--lr-decay", type=float, default=d.lr_decay,
+                   help="the Adam rate is multiplied by this after every epoch (1: constant)")
+    g.add_argument("--no-sphere", dest="sphere", action="store_false",
+                   help="leave T_c's outputs unconstrained instead of putting them on the sphere of the prior's RMS "
+                        "norm (unconstrained, IMLE in a 100-d latent shrinks them towards the cluster mean)")
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="epochs between checkpoints")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out (same settings; --epochs may grow): clusters are loaded, IMLE "
@@ -90,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation and run")
     g.add_argument("--eval-samples", type=int, default=d.eval_samples,
                    help="samples per cluster for the assignment accuracy (and as many prior samples per cluster)")
+    g.add_argument("--diversity-samples", type=int, default=d.diversity_samples,
+                   help="images per cluster (T_c samples and training latents) for the image-space diversity of the "
+                        "collapse check")
     g.add_argument("--grid-samples", type=int, default=d.grid_samples, help="images per cluster in the pictures")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="generator batch size")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of latents, K-means++, T_c and every sample")
@@ -107,8 +115,9 @@ def main(argv=None) -> int:
         generator=args.checkpoint or args.generator, truncation=args.truncation, levels=levels,
         class_label=args.class_label, transfer_classes=tuple(args.transfer_classes), num_latents=args.num_latents,
         kmeans_iters=args.kmeans_iters, hidden=args.hidden, num_aux=args.num_aux,
-        imle_batch_size=args.imle_batch_size, lr=args.lr, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-        checkpoint_every=args.checkpoint_every, eval_samples=args.eval_samples, grid_samples=args.grid_samples,
+        imle_batch_size=args.imle_batch_size, lr=args.lr, lr_decay=args.lr_decay, sphere=args.sphere,
+        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, checkpoint_every=args.checkpoint_every,
+        eval_samples=args.eval_samples, diversity_samples=args.diversity_samples, grid_samples=args.grid_samples,
         batch_size=args.batch_size, seed=args.seed)
     mesh = sharding.make_mesh(args.devices) if args.devices else None
     run_cluster_sampling(config, args.out, resume=args.resume, mesh=mesh, progress=not args.no_progress,

@@ -17,7 +17,8 @@ from gansem.generators.biggan import BigGANDeep
 from gansem.generators.dcgan import DCGAN
 from gansem.generators.base import save_checkpoint
 from gansem.methods import imle
-from gansem.methods.cluster_sampling import ClusterSamplingConfig, load_clusters, run_cluster_sampling
+from gansem.methods.cluster_sampling import (ClusterSamplingConfig, collapse_check, load_clusters,
+                                             mean_pairwise_distance, run_cluster_sampling)
 from gansem.methods.latent_clusters import ClusterLevel, LevelSpec, leaf_labels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +48,15 @@ def _tiny_targets(rng, counts=(24, 24), dim=3):
 
 
 TINY_CFG = imle.IMLEConfig(latent_dim=3, hidden=8, num_aux=40, batch_size=8, steps_per_epoch=3, query_tile=16,
-                           candidate_tile=16)
+                           candidate_tile=16, latent_radius=2.0, lr_decay=0.9)
+
+
+def _numpy_variables(config, c, rng):
+    """Stacked ``T_c`` variables for ``c`` clusters, filled with numpy from the shapes (nothing to compile)."""
+    shapes = jax.eval_shape(lambda k: imle.init_state(config, k, np.arange(c)), jax.random.key(0))
+    params = jax.tree.map(lambda x: (rng.standard_normal(x.shape) / 2).astype(np.float32), shapes.params)
+    stats = jax.tree.map(lambda x: np.ones(x.shape, np.float32), shapes.batch_stats)
+    return params, stats
 
 
 # -- Eq. 2: nearest neighbours ------------------------------------------------------------------
@@ -85,6 +94,21 @@ def test_mapping_net_is_three_bias_free_dense_layers_with_batch_norm_between():
     assert out.shape == (9, 7)
 
 
+def test_mapping_net_puts_its_outputs_on_the_sphere_of_the_latent_radius(rng):
+    model = imle.MappingNet(out_dim=7, hidden=12, radius=3.5)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((4, 5), np.float32), train=False))
+    variables = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32) ** 2 + 0.1, shapes)
+    for train in (True, False):
+        out = model.apply(variables, rng.standard_normal((9, 5)).astype(np.float32), train=train,
+                          mutable=["batch_stats"] if train else False)
+        out = np.asarray(out[0] if train else out)
+        np.testing.assert_allclose(np.linalg.norm(out, axis=1), 3.5, rtol=1e-5)
+    with pytest.raises(imle.IMLEError, match="latent_radius"):
+        dataclasses.replace(TINY_CFG, latent_radius=0.0).check()
+    with pytest.raises(imle.IMLEError, match="lr_decay"):
+        dataclasses.replace(TINY_CFG, lr_decay=1.5).check()
+
+
 def test_pack_targets_pads_and_refuses_empty_clusters():
     z = np.arange(10, dtype=np.float32).reshape(5, 2)
     t = imle.pack_targets(z, np.array([1, 0, 1, 1, 0]), [0, 1])
@@ -106,8 +130,9 @@ def test_vmapped_training_equals_training_each_cluster_alone(rng):
 
     def train(t):
         s = init(key, t.cluster_ids)
+        e_eval = imle.evaluation_draw(TINY_CFG, jax.random.key(8), t.cluster_ids)
         for e in range(2):
-            s, m = step(s, t, jax.random.fold_in(key, e))
+            s, m = step(s, t, jax.random.fold_in(key, e), e_eval)
         return s, m
 
     both, m_both = train(targets)
@@ -116,8 +141,8 @@ def test_vmapped_training_equals_training_each_cluster_alone(rng):
                                                    targets.cluster_ids[c:c + 1]))
         jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a)[c], np.asarray(b)[0], rtol=2e-5,
                                                              atol=1e-6), both.params, alone.params)
-        np.testing.assert_allclose(np.asarray(m_both["objective"])[c], np.asarray(m_alone["objective"])[0],
-                                   rtol=2e-5)
+        for name in ("objective", "matching_objective", "max_in_degree", "matched_fraction"):
+            np.testing.assert_allclose(np.asarray(m_both[name])[c], np.asarray(m_alone[name])[0], rtol=2e-5)
 
 
 def test_resume_n_then_2n_equals_2n_in_one_go(tmp_path, rng):
@@ -131,6 +156,80 @@ def test_resume_n_then_2n_equals_2n_in_one_go(tmp_path, rng):
     assert [r["objective"] for r in again.history] == [r["objective"] for r in once.history]
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  again.state.params, once.state.params)
+
+
+def test_epoch_metrics_hubness_and_objective_against_numpy(rng):
+    """One epoch: the hubness metrics of the epoch's own draw and Eq. 2 on the fixed draw, by brute-force NumPy."""
+    targets = _tiny_targets(rng, counts=(24, 9))
+    k_ep = jax.random.key(6)
+    params, stats = _numpy_variables(TINY_CFG, 2, rng)
+    state = imle.IMLEState(epoch=np.int32(0), params=params, batch_stats=stats,
+                           opt_state=jax.vmap(imle._optimizer(TINY_CFG).init)(params))
+    e_eval = rng.standard_normal((2, 40, 3)).astype(np.float32)   # the fixed draw: any [C, G, aux] array
+    # the epoch's draw, as the program makes it: Γ·aux normals, then M for the row order, per cluster
+    noise = np.asarray(imle._cluster_noise(k_ep, targets.cluster_ids, 40 * 3 + targets.z.shape[1]))
+    e = noise[:, :120].reshape(2, 40, 3)
+    x = np.asarray(imle.map_auxiliary(TINY_CFG, state.params, state.batch_stats, e, train=True))
+    new, m = imle.epoch_program(TINY_CFG)(state, targets, k_ep, e_eval)
+    x_eval = np.asarray(imle.map_auxiliary(TINY_CFG, new.params, new.batch_stats, e_eval, train=True))
+    for c in range(2):
+        z = targets.z[c, :targets.counts[c]].astype(np.float64)
+        d = ((z[:, None] - x[c][None]) ** 2).sum(-1)
+        deg = np.bincount(d.argmin(1), minlength=40)
+        assert m["max_in_degree"][c] == deg.max()
+        np.testing.assert_allclose(m["matched_fraction"][c], (deg > 0).sum() / min(len(z), 40), rtol=1e-6)
+        np.testing.assert_allclose(m["matching_objective"][c], d.min(1).mean(), rtol=1e-5)
+        d_eval = ((z[:, None] - x_eval[c][None]) ** 2).sum(-1)
+        np.testing.assert_allclose(m["objective"][c], d_eval.min(1).mean(), rtol=1e-5)
+    assert int(new.epoch) == 1
+
+
+@pytest.mark.slow  # 2 × 50 epochs of a 32-d problem, two configs to compile: ~30 s on a busy 2-core CPU
+def test_unconstrained_imle_shrinks_in_high_dimension_and_the_sphere_does_not(rng):
+    """The collapse the sphere fixes, on Gaussian targets in d = 32 (s* = sqrt(2 ln Γ / d) ≈ 0.59 for Γ = 256)."""
+    d = 32
+    z = rng.standard_normal((256, d)).astype(np.float32)
+    targets = imle.pack_targets(z, np.zeros(256, int), [0])
+    base = imle.IMLEConfig(latent_dim=d, hidden=64, num_aux=256, batch_size=64, lr=3e-3, lr_decay=0.97)
+    radius = float(np.sqrt((z ** 2).sum(1).mean()))
+    checks = {}
+    for name, cfg in (("free", base), ("sphere", dataclasses.replace(base, latent_radius=radius))):
+        res = imle.train_imle(targets, jax.random.key(1), cfg, epochs=50)
+        obj = np.array([r["objective"][0] for r in res.history])
+        assert obj[-1] < obj[0]
+        s = np.asarray(imle.sample_cluster_latents(res.config, res.state, jax.random.key(2), [0], 512))[0]
+        checks[name] = collapse_check([s], [z])[0]
+    assert checks["free"]["norm_ratio"] < 0.8 and checks["free"]["collapsed"]
+    assert abs(checks["sphere"]["norm_ratio"] - 1) < 0.05 and not checks["sphere"]["collapsed"]
+    assert checks["sphere"]["latent_diversity_ratio"] > 0.8
+
+
+# -- the collapse check ----------------------------------------------------------------------------
+
+
+def test_mean_pairwise_distance_matches_brute_force(rng):
+    x = rng.standard_normal((13, 2, 3))
+    flat = x.reshape(13, -1)
+    ref = np.mean([np.linalg.norm(flat[i] - flat[j]) for i in range(13) for j in range(13) if i != j])
+    np.testing.assert_allclose(mean_pairwise_distance(x), ref, rtol=1e-10)
+    assert mean_pairwise_distance(x[:1]) == 0.0
+
+
+def test_collapse_check_flags_shrunk_and_degenerate_mappings(rng):
+    targets = [rng.standard_normal((300, 50)) + 0.3 for _ in range(4)]
+    good = rng.standard_normal((300, 50)) + 0.3                       # the same distribution
+    shrunk = 0.4 * (rng.standard_normal((300, 50))) + 0.3             # IMLE's unconstrained fixed point
+    sphere = good / np.linalg.norm(good, axis=1, keepdims=True) * np.linalg.norm(targets[2], axis=1).mean()
+    clump = np.linalg.norm(targets[3], axis=1).mean() * (np.ones((300, 50)) + 0.05 * rng.standard_normal((300, 50))
+                                                         ) / np.sqrt(50)   # right norm, no diversity
+    out = collapse_check([good, shrunk, sphere, clump], targets)
+    assert [o["collapsed"] for o in out] == [False, True, False, True]
+    assert out[1]["norm_ratio"] < 0.5 and out[3]["latent_diversity_ratio"] < 0.1
+    assert abs(out[2]["norm_ratio"] - 1) < 0.01 and out[0]["image_diversity_ratio"] is None
+    imgs = rng.integers(0, 256, (4, 6, 8, 8, 3))
+    flat = np.full((6, 8, 8, 3), 120)                                 # a texture: every image the same
+    out = collapse_check([good, good], targets[:2], [imgs[0], flat], [imgs[1], imgs[2]])
+    assert [o["collapsed"] for o in out] == [False, True] and out[1]["image_diversity_ratio"] == 0.0
 
 
 # -- hierarchy ------------------------------------------------------------------------------------
@@ -155,7 +254,8 @@ def test_launch_help_and_bad_input(tmp_path, capsys):
     for action in cli.build_parser()._actions:
         assert action.help, f"{action.option_strings} has no help"
     for flag in ("--layer", "--pool", "--clusters", "--refine", "--epochs", "--num-aux", "--resume", "--class-label",
-                 "--transfer-classes", "--eval-samples", "--out", "--devices", "--no-progress"):
+                 "--transfer-classes", "--eval-samples", "--out", "--devices", "--no-progress", "--lr-decay",
+                 "--no-sphere", "--diversity-samples"):
         assert flag in out
 
     def error(argv):
@@ -185,6 +285,8 @@ def test_tiny_end_to_end_with_hierarchy(tmp_path):
     ev = rep["evaluation"]
     assert len(ev["per_cluster"]) == 2 and np.array(ev["confusion"]).shape == (2, 3)
     assert np.array(ev["confusion"]).sum() == 16 and rep["imle"]["epochs"] == 2
+    assert len(rep["collapse"]) == 2 and all(abs(k["norm_ratio"] - 1) < 0.2 for k in rep["collapse"])
+    assert rep["imle"]["latent_radius"] > 0 and len(rep["imle"]["cluster_objective_rises_at_epochs"]) == 2
     levels, arrays = load_clusters(out)
     assert [lv.layer for lv in levels] == ["block4", "block8"] and levels[1].centroids.shape[1] == 2 * 2 * 8
     assert ((arrays["leaf"] >= 0) == (arrays["labels"][:, 0] == 0)).all()

@@ -13,7 +13,12 @@ evaluates it:
    accuracy** of cluster c is the fraction that lands in c. The baseline is the prior:
    the fraction of prior samples that land in c (the cluster's share of the prior mass,
    ``1/C`` on average over clusters). The paper judges clusters by attribute classifiers
-   (Tables 1-2); this is the label-free check the issue asks for;
+   (Tables 1-2); this is the label-free check the issue asks for. A high accuracy alone can
+   hide a collapsed ``T_c`` (a texture that happens to sit in cluster c), so
+   :func:`collapse_check` compares every cluster's samples with its training latents: the
+   ratio of their mean norms and of their diversities (mean pairwise distance) in latent and
+   in image space, and flags a cluster outside :data:`NORM_RATIO_RANGE` or under
+   :data:`MIN_DIVERSITY_RATIO`;
 5. for a class-conditional generator (BigGAN), the paper's cross-class use (Sec. 4.4,
    Fig. 6): the clusters and mappings are learned on one class (``class_label``) and
    ``T_c`` is applied with other classes (``transfer_classes``), which are assigned to the
@@ -26,7 +31,7 @@ Run directory (``out_dir``)::
     config.json        settings (a resume must match them), generator
     clusters.npz       latents, class labels, per-level labels, leaf labels, centroids
     checkpoints/<e>/   Orbax: the stacked T_c state and the objective history up to epoch e
-    imle_objective.png the IMLE objective (Eq. 2 value) per epoch, per cluster and mean
+    imle_objective.png the IMLE objective (Eq. 2 value, fixed evaluation draw) per epoch, per cluster and mean
     samples_tc.png     rows: samples G(T_c(e)) of each cluster, with their assignment accuracy
     cluster_members.png rows: prior samples that fall in each cluster (what the cluster is)
     transfer.png       (conditional generators with transfer classes) T_c applied to other classes
@@ -59,12 +64,20 @@ __all__ = [
     "assignment_accuracy",
     "generate_images",
     "load_clusters",
+    "mean_pairwise_distance",
+    "collapse_check",
+    "NORM_RATIO_RANGE",
+    "MIN_DIVERSITY_RATIO",
 ]
 
 CONFIG_FILE = "config.json"
 CLUSTERS_FILE = "clusters.npz"
 #: Settings that may change when a run is resumed; every other one is fixed at creation.
-RESUMABLE = ("epochs", "checkpoint_every", "eval_samples", "grid_samples")
+RESUMABLE = ("epochs", "checkpoint_every", "eval_samples", "grid_samples", "diversity_samples")
+#: A cluster whose T_c samples' mean norm over its training latents' falls outside this range is collapsed.
+NORM_RATIO_RANGE = (0.8, 1.25)
+#: ... or whose samples are less than this fraction as diverse (latent or image space) as its latents.
+MIN_DIVERSITY_RATIO = 0.5
 
 
 class ClusterSamplingError(ValueError):
@@ -85,11 +98,17 @@ class ClusterSamplingConfig:
             ``class_label`` (the paper's cross-class use).
         num_latents: latent codes sampled and clustered.
         kmeans_iters: maximum Lloyd iterations.
-        hidden, num_aux, imle_batch_size, lr, epochs, steps_per_epoch: ``T_c`` width, Γ, pairs per
-            Adam step, Adam rate, epochs, steps per epoch (``None``: one pass over the largest cluster).
+        hidden, num_aux, imle_batch_size, lr, lr_decay, epochs, steps_per_epoch: ``T_c`` width, Γ,
+            pairs per Adam step, Adam rate of the first epoch and its decay per epoch, epochs, steps
+            per epoch (``None``: one pass over the largest cluster).
+        sphere: ``T_c`` outputs on the sphere of the prior's root-mean-square norm (estimated from
+            the ``num_latents`` prior draws); ``False``: unconstrained outputs, which IMLE shrinks
+            towards the cluster mean (:mod:`gansem.methods.imle`).
         checkpoint_every: epochs between Orbax checkpoints.
         eval_samples: samples per cluster for the assignment accuracy (and as many prior samples
             per cluster for the baseline).
+        diversity_samples: images per cluster (T_c samples and training latents) for the
+            image-space diversity of :func:`collapse_check`.
         grid_samples: images per cluster in the pictures.
         batch_size: generator batch size.
         seed: everything random derives from it.
@@ -106,10 +125,13 @@ class ClusterSamplingConfig:
     num_aux: int = 4096
     imle_batch_size: int = 128
     lr: float = 1e-3
-    epochs: int = 30
+    lr_decay: float = 0.92
+    sphere: bool = True
+    epochs: int = 40
     steps_per_epoch: Optional[int] = None
     checkpoint_every: int = 5
     eval_samples: int = 512
+    diversity_samples: int = 64
     grid_samples: int = 8
     batch_size: int = 256
     seed: int = 0
@@ -123,7 +145,7 @@ class ClusterSamplingConfig:
     def check(self) -> None:
         """Checks what needs no generator; raises :class:`ClusterSamplingError`."""
         positive = ("num_latents", "kmeans_iters", "hidden", "num_aux", "imle_batch_size", "checkpoint_every",
-                    "eval_samples", "grid_samples", "batch_size")
+                    "eval_samples", "diversity_samples", "grid_samples", "batch_size")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ClusterSamplingError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -191,6 +213,51 @@ def assignment_accuracy(generator, params, levels: Sequence[ClusterLevel], resul
     return {"tc_accuracy": (leaf_tc == np.arange(c)[:, None]).mean(1),
             "prior_rate": np.array([(leaf_prior == i).mean() for i in range(c)]),
             "confusion": confusion, "tc_latents": z_tc, "prior_latents": z_prior, "prior_leaf": leaf_prior}
+
+
+def mean_pairwise_distance(x) -> float:
+    """Mean Euclidean distance over the ``n(n-1)`` ordered pairs of distinct rows of ``x [n, ...]`` (0 if n < 2)."""
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    n = len(x)
+    if n < 2:
+        return 0.0
+    sq = np.sum(x * x, 1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0)
+    np.fill_diagonal(d2, 0.0)
+    return float(np.sqrt(d2).sum() / (n * (n - 1)))
+
+
+def collapse_check(samples, targets, sample_images=None, target_images=None) -> list:
+    """Does any ``T_c`` collapse? Its samples against its training latents, cluster by cluster.
+
+    Args:
+        samples: per cluster, ``T_c``'s latents ``[n_c, d]`` (a list or ``[C, n, d]``).
+        targets: per cluster, the training latents ``[m_c, d]`` the mapping was fitted to.
+        sample_images, target_images: optional, per cluster, images ``[k, H, W, 3]`` of (some of)
+            both, for the image-space diversity.
+
+    Returns:
+        One dict per cluster: ``norm_ratio`` (mean ``||z||`` of the samples over the targets'),
+        ``latent_diversity_ratio`` and ``image_diversity_ratio`` (:func:`mean_pairwise_distance`
+        of the samples over the targets'; ``None`` without images) and ``collapsed``: the norm
+        ratio outside :data:`NORM_RATIO_RANGE` or a diversity ratio below :data:`MIN_DIVERSITY_RATIO`.
+    """
+    out = []
+    for c in range(len(samples)):
+        s = np.asarray(samples[c], np.float64).reshape(len(samples[c]), -1)
+        t = np.asarray(targets[c], np.float64).reshape(len(targets[c]), -1)
+        norm_ratio = float(np.linalg.norm(s, axis=1).mean() / np.linalg.norm(t, axis=1).mean())
+        lat = mean_pairwise_distance(s[:512]) / max(mean_pairwise_distance(t[:512]), 1e-12)
+        img = None
+        if sample_images is not None and target_images is not None:
+            img = (mean_pairwise_distance(np.asarray(sample_images[c], np.float64) / 255.0)
+                   / max(mean_pairwise_distance(np.asarray(target_images[c], np.float64) / 255.0), 1e-12))
+        ratios = [lat] + ([img] if img is not None else [])
+        collapsed = (not NORM_RATIO_RANGE[0] <= norm_ratio <= NORM_RATIO_RANGE[1]
+                     or min(ratios) < MIN_DIVERSITY_RATIO)
+        out.append({"cluster": c, "norm_ratio": norm_ratio, "latent_diversity_ratio": float(lat),
+                    "image_diversity_ratio": None if img is None else float(img), "collapsed": bool(collapsed)})
+    return out
 
 
 def load_clusters(run_dir: str) -> tuple[tuple, dict]:
@@ -299,7 +366,8 @@ def run_cluster_sampling(config: ClusterSamplingConfig, out_dir: str, *, resume:
         gen = gen.with_settings(truncation=cfg.truncation)
     _check_generator(gen, cfg)
     imle_cfg = imle.IMLEConfig(latent_dim=int(np.prod(gen.latent_shape)), hidden=cfg.hidden, num_aux=cfg.num_aux,
-                               batch_size=cfg.imle_batch_size, steps_per_epoch=cfg.steps_per_epoch, lr=cfg.lr)
+                               batch_size=cfg.imle_batch_size, steps_per_epoch=cfg.steps_per_epoch, lr=cfg.lr,
+                               lr_decay=cfg.lr_decay)
     imle_cfg.check()
     os.makedirs(out_dir, exist_ok=True)
     if not resuming:
@@ -332,14 +400,19 @@ def run_cluster_sampling(config: ClusterSamplingConfig, out_dir: str, *, resume:
 
     # -- 3: IMLE ------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    targets = imle.pack_targets(latents.reshape(len(latents), -1), leaf, range(c))
+    flat_latents = latents.reshape(len(latents), -1)
+    targets = imle.pack_targets(flat_latents, leaf, range(c))
+    radius = float(np.sqrt(np.mean(np.sum(flat_latents.astype(np.float64) ** 2, 1)))) if cfg.sphere else None
+    imle_cfg = dataclasses.replace(imle_cfg, latent_radius=radius)
     _log(f"IMLE: {c} mappings T_c on {sizes.tolist()} latents, Γ={cfg.num_aux}, {cfg.epochs} epochs", quiet)
     result = imle.train_imle(targets, jax.random.fold_in(key, 2), imle_cfg, epochs=cfg.epochs, run_dir=out_dir,
                              resume=resuming, checkpoint_every=cfg.checkpoint_every, progress=progress)
     timings["imle_s"] = time.perf_counter() - t0
-    objective = np.array([r["objective"] for r in result.history])   # [epochs, C]
+    objective = np.array([r["objective"] for r in result.history])   # [epochs, C], fixed evaluation draw
     mean_obj = objective.mean(1) if len(objective) else np.zeros(0)
     rises = [int(i + 2) for i in np.flatnonzero(np.diff(mean_obj) > 0)]
+    cluster_rises = [[int(i + 2) for i in np.flatnonzero(np.diff(objective[:, k]) > 0)] if len(objective) else []
+                     for k in range(c)]
 
     # -- 4: evaluation ------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -356,10 +429,18 @@ def run_cluster_sampling(config: ClusterSamplingConfig, out_dir: str, *, resume:
     t0 = time.perf_counter()
     g = cfg.grid_samples
     bs = min(cfg.batch_size, 64)
-    tc_imgs = generate_images(gen, params, ev["tc_latents"][:, :g].reshape((c * g,) + tuple(gen.latent_shape)),
-                              _labels_for(gen, c * g, cfg.class_label), batch_size=bs, mesh=mesh)
-    tc_imgs = tc_imgs.reshape((c, g) + tc_imgs.shape[1:])
-    rows = {f"T_{i} ({ev['tc_accuracy'][i]:.0%})": tc_imgs[i] for i in range(c)}
+    k = min(max(cfg.diversity_samples, g), cfg.eval_samples)    # T_c images: the grid and the diversity check
+    shape = tuple(gen.latent_shape)
+    tc_imgs = generate_images(gen, params, ev["tc_latents"][:, :k].reshape((c * k,) + shape),
+                              _labels_for(gen, c * k, cfg.class_label), batch_size=bs, mesh=mesh)
+    tc_imgs = tc_imgs.reshape((c, k) + tc_imgs.shape[1:])
+    member_z = [latents[leaf == i][:cfg.diversity_samples] for i in range(c)]     # training latents of each c
+    member_imgs = [generate_images(gen, params, zc, _labels_for(gen, len(zc), cfg.class_label), batch_size=bs,
+                                   mesh=mesh) for zc in member_z]
+    collapse = collapse_check(ev["tc_latents"].reshape(c, cfg.eval_samples, -1),
+                              [flat_latents[leaf == i] for i in range(c)], tc_imgs[:, :cfg.diversity_samples],
+                              member_imgs)
+    rows = {f"T_{i} ({ev['tc_accuracy'][i]:.0%})": tc_imgs[i, :g] for i in range(c)}
     viz.image_rows_figure(rows, os.path.join(out_dir, "samples_tc.png"),
                           title=f"G(T_c(e)) per cluster (assignment accuracy); {hierarchy_description(levels)}")
     members = {}
@@ -386,8 +467,8 @@ def run_cluster_sampling(config: ClusterSamplingConfig, out_dir: str, *, resume:
         curves = {f"c{i}": objective[:, i] for i in range(c)}
         curves["mean over clusters"] = mean_obj
         viz.curves_plot(epochs_x, curves, os.path.join(out_dir, "imle_objective.png"), xlabel="epoch",
-                        ylabel="IMLE objective: mean min_γ ||z - T_c(e_γ)||²",
-                        title=f"IMLE, Γ={cfg.num_aux}, {c} clusters", log_y=True)
+                        ylabel="mean_i min_γ ||z_i - T_c(e_γ)||² (Eq. 2)",
+                        title=f"IMLE objective on a fixed draw of Γ={cfg.num_aux}, {c} clusters")
     timings["pictures_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
 
@@ -397,9 +478,14 @@ def run_cluster_sampling(config: ClusterSamplingConfig, out_dir: str, *, resume:
         "cluster_sizes": sizes.tolist(), "kmeans": cluster_info,
         "imle": {"epochs": len(result.history), "resumed_from": result.resumed_from,
                  "steps_per_epoch": result.config.steps_per_epoch, "num_aux": cfg.num_aux,
+                 "latent_radius": radius, "lr": cfg.lr, "lr_decay": cfg.lr_decay,
                  "objective_first": mean_obj[:1].tolist(), "objective_last": mean_obj[-1:].tolist(),
                  "objective_monotone": not rises, "objective_rises_at_epochs": rises,
+                 "cluster_objective_rises_at_epochs": cluster_rises,
+                 "max_in_degree_last": result.history[-1]["max_in_degree"] if result.history else [],
+                 "matched_fraction_last": result.history[-1]["matched_fraction"] if result.history else [],
                  "history": result.history},
+        "collapse": collapse,
         "evaluation": {
             "samples_per_cluster": cfg.eval_samples,
             "per_cluster": [{"cluster": i, "train_latents": int(sizes[i]),
@@ -425,7 +511,7 @@ def run_cluster_sampling(config: ClusterSamplingConfig, out_dir: str, *, resume:
                            "layers/pools/parents and centroids<i> [C_i, D_i] per level",
             "checkpoints/<epoch>/": "Orbax, latest 2: state (stacked T_c params, batch_stats, Adam state, epoch), "
                                     "meta (objective history)",
-            "imle_objective.png": "IMLE objective per epoch, per cluster and mean",
+            "imle_objective.png": "IMLE objective (Eq. 2 on a fixed auxiliary draw) per epoch, per cluster and mean",
             "samples_tc.png": "G(T_c(e)) per cluster, with assignment accuracy",
             "cluster_members.png": "prior samples assigned to each cluster",
             **({"transfer.png": "T_c applied to other classes"} if transfer else {}),
@@ -443,20 +529,37 @@ def _write_markdown(path: str, report: dict, cfg: ClusterSamplingConfig, transfe
         "# Cluster-guided sampling (IMLE)", "",
         f"Generator `{report['generator']['name']}` ({report['generator']['family']}); clustering "
         f"{report['clustering']} over {report['num_latents']} latents; cluster sizes {report['cluster_sizes']}.", "",
-        f"IMLE: {im['epochs']} epochs × {im['steps_per_epoch']} Adam steps, Γ = {im['num_aux']}; mean objective "
+        f"IMLE: {im['epochs']} epochs × {im['steps_per_epoch']} Adam steps, Γ = {im['num_aux']}, Adam rate "
+        f"{im['lr']:g} × {im['lr_decay']:g}^epoch; T_c outputs "
+        + (f"on the sphere of radius {im['latent_radius']:.3f} (the prior's RMS norm)" if im["latent_radius"]
+           else "unconstrained") + ".", "",
+        f"IMLE objective (Eq. 2 on a fixed draw of Γ auxiliary vectors, after each epoch), mean over clusters "
         f"{im['objective_first'][0] if im['objective_first'] else float('nan'):.4f} → "
-        f"{im['objective_last'][0] if im['objective_last'] else float('nan'):.4f}; "
-        + ("decreases monotonically in epochs." if im["objective_monotone"]
-           else f"**not monotone**: it rises at epochs {im['objective_rises_at_epochs']}."), "",
-        f"## Assignment accuracy ({ev['samples_per_cluster']} samples per cluster)", "",
-        "| cluster | training latents | T_c → c | prior → c |", "|---|---|---|---|",
+        f"{im['objective_last'][0] if im['objective_last'] else float('nan'):.4f}: "
+        + ("**decreases monotonically in epochs**" if im["objective_monotone"]
+           else f"**not monotone**: it rises at epochs {im['objective_rises_at_epochs']}")
+        + "; per cluster, rises at epochs "
+        + ", ".join(f"c{i}: {r or 'none'}" for i, r in enumerate(im["cluster_objective_rises_at_epochs"])) + ".", "",
+        f"Matching in the last epoch: at most {max(im['max_in_degree_last'] or [0]):.0f} targets share one sample "
+        f"(hubness), {min(im['matched_fraction_last'] or [0]):.0%}-{max(im['matched_fraction_last'] or [0]):.0%} "
+        "of the samples are matched.", "",
+        f"## Assignment accuracy and collapse check ({ev['samples_per_cluster']} samples per cluster)", "",
+        "| cluster | training latents | T_c → c | prior → c | norm ratio | latent diversity | image diversity | "
+        "collapsed |", "|---|---|---|---|---|---|---|---|",
     ]
-    for r in ev["per_cluster"]:
-        lines.append(f"| {r['cluster']} | {r['train_latents']} | {r['tc_accuracy']:.3f} | {r['prior_rate']:.3f} |")
+    for r, k in zip(ev["per_cluster"], report["collapse"]):
+        img = "–" if k["image_diversity_ratio"] is None else f"{k['image_diversity_ratio']:.3f}"
+        lines.append(f"| {r['cluster']} | {r['train_latents']} | {r['tc_accuracy']:.3f} | {r['prior_rate']:.3f} | "
+                     f"{k['norm_ratio']:.3f} | {k['latent_diversity_ratio']:.3f} | {img} | "
+                     f"{'**yes**' if k['collapsed'] else 'no'} |")
     o = ev["overall"]
-    lines += [f"| **mean** | | **{o['tc_accuracy']:.3f}** | {o['prior_rate']:.3f} |", "",
+    lines += [f"| **mean** | | **{o['tc_accuracy']:.3f}** | {o['prior_rate']:.3f} | | | | |", "",
               "`T_c → c`: fraction of G(T_c(e)) assigned to cluster c; `prior → c`: fraction of G(z), z from the "
-              "prior, assigned to c (its mean over clusters is the baseline of a random cluster choice).", ""]
+              "prior, assigned to c (its mean over clusters is the baseline of a random cluster choice). "
+              "Norm ratio: mean ||T_c(e)|| over the mean norm of c's training latents; diversity: mean pairwise "
+              "distance of the samples over that of the training latents, of the latents and of their images "
+              f"({cfg.diversity_samples} each). Collapsed: norm ratio outside {list(NORM_RATIO_RANGE)} or a "
+              f"diversity ratio under {MIN_DIVERSITY_RATIO}.", ""]
     if transfer:
         lines += ["## Cross-class transfer", "", "| class | T_c → c (mean) | prior → c (mean) |", "|---|---|---|"]
         lines += [f"| {t['class']} | {t['overall_tc_accuracy']:.3f} | {t['overall_prior_rate']:.3f} |"

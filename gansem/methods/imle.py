@@ -19,6 +19,32 @@ learned by IMLE. Each epoch, for every cluster:
 (Sec. 4.7); the paper does not name an activation, and without one the map would be
 affine (``T_c(e)`` Gaussian), so a leaky ReLU follows each batch norm.
 
+**Outputs on the prior's sphere** (``latent_radius``). Left unconstrained, IMLE shrinks
+every ``T_c`` towards its cluster's mean, whatever Γ: the targets of a cluster are prior
+draws, ``z = μ_c + w`` with ``w`` nearly ``N(0, I_d)``, i.e. of full intrinsic dimension d.
+For a model ``x = μ_c + s·w'`` the best of Γ samples has ``w·w' ≈ sqrt(2 ln Γ)·sqrt(d)``, so
+Eq. 2's value is ``E min_γ ||z - x_γ||² ≈ d - 2 s sqrt(2 d ln Γ) + s² d``, smallest at
+``s* = sqrt(2 ln Γ / d)`` (0.41 for d = 100, Γ = 4096; 0.44 for Γ = 16384). Eq. 3 finds this
+fixed point: the mean of the targets matched to a sample is the shrunk sample itself. On
+the 100-d DCGAN this is what was measured (unconstrained, Γ = 4096, 30 epochs): every
+``T_c`` spread ``||T_c(e) - mean||`` ≈ 0.43 × its targets', ``||T_c(e)|| ≈ 4.5`` against
+≈ 10, while no sample was a hub (at most 4-8 targets per matched sample; regressing the
+matched targets on their samples gives a slope 0.93-0.99). The DCGAN renders such short
+latents as low-contrast images, and the largest cluster, whose mean is nearly 0, as a
+texture. The paper's generators (PGAN, StyleGAN) normalise ``z`` at their input (pixel
+norm), so for them only the direction of ``T_c(e)`` matters and the shrinkage is harmless;
+the DCGAN has no such normalisation, so ``T_c`` ends in it instead:
+``T_c(e) = r · h / ||h||`` with ``r`` the prior's root-mean-square norm (``sqrt(d)`` for
+``N(0, I)``, where the prior's mass concentrates). Eq. 2 and Eq. 3 are unchanged; the same
+argument then applies to directions only: the samples' directions are those of
+``μ_c / s* + w``, a cluster mean amplified about 2.4 times on top of full-dimensional
+variation, so samples are slightly more typical of their cluster than its members, but
+not collapsed.
+
+**Learning rate.** The paper gives no schedule; Adam's rate decays by ``lr_decay`` per
+epoch (IMLE's reference code has a stepwise decay), a function of the epoch only, so the
+last epochs refine instead of jittering around the fixed point.
+
 **All clusters at once.** The parameters, BatchNorm statistics and Adam state of the
 ``C`` mappings are stacked along a leading cluster axis and one epoch is one jitted
 program ``vmap``-ed over it; the random numbers of cluster ``c`` come from
@@ -33,9 +59,14 @@ sees padding).
 targets with ``candidate_tile`` mapped samples at a time on the device and keeps a
 running minimum, so memory stays ``O(tile²)`` whatever M and Γ.
 
-**IMLE objective.** The value reported per epoch is the mean over a cluster's targets of
-``min_γ ||z_i - T_c(e_γ)||²`` at the matching step (the quantity Eq. 2 minimises and Eq. 3
-then decreases), measured with the epoch's fresh auxiliary samples.
+**IMLE objective.** The value reported per epoch is Eq. 2's, the mean over a cluster's
+targets of ``min_γ ||z_i - T_c(e_γ)||²``, measured after the epoch's Adam steps on one fixed
+draw of Γ auxiliary vectors per cluster (:func:`evaluation_draw`, the same in every epoch;
+``T_c`` normalised with that draw's own batch statistics, as in the matching step). The
+curve is therefore a deterministic function of the parameters: a fresh draw every epoch
+(what the matching uses, reported as ``matching_objective``) adds sampling noise larger
+than the late epochs' progress. Per epoch the matching's hubness is reported too: the most
+targets matched to one sample and the fraction of samples matched at all.
 
 **Checkpoints.** :func:`train_imle` saves the stacked state with Orbax every
 ``checkpoint_every`` epochs (the latest two kept, via
@@ -70,6 +101,8 @@ __all__ = [
     "nearest_neighbours",
     "init_state",
     "epoch_program",
+    "imle_objective",
+    "evaluation_draw",
     "train_imle",
     "map_auxiliary",
     "sample_cluster_latents",
@@ -85,18 +118,22 @@ class MappingNet(nn.Module):
     """``T_c``: ``e [N, aux_dim] -> z [N, out_dim]``; three bias-free dense layers, batch norm between them.
 
     ``Dense(hidden) -> BN -> leaky ReLU -> Dense(hidden) -> BN -> leaky ReLU -> Dense(out_dim)``
-    (paper Sec. 4.7; the activation is ours, see the module docstring).
+    (paper Sec. 4.7; the activation is ours, see the module docstring), then, with ``radius``,
+    the output is put on the sphere of that radius, ``z = radius · h / ||h||`` (the module
+    docstring says why).
 
     Attributes:
         out_dim: latent size of the generator (flattened ``latent_shape``).
         hidden: width of the two hidden layers.
         bn_momentum: decay of the BatchNorm running statistics.
+        radius: norm of every output (``None``: the last dense layer's output as it is).
     """
 
     out_dim: int
     hidden: int = 256
     bn_momentum: float = 0.9
     negative_slope: float = 0.2
+    radius: Optional[float] = None
 
     @nn.compact
     def __call__(self, e, train: bool):
@@ -105,7 +142,10 @@ class MappingNet(nn.Module):
             h = nn.Dense(self.hidden, use_bias=False, name=f"dense{i}")(h)
             h = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, name=f"bn{i}")(h)
             h = nn.leaky_relu(h, self.negative_slope)
-        return nn.Dense(self.out_dim, use_bias=False, name=f"dense{2}")(h)
+        h = nn.Dense(self.out_dim, use_bias=False, name=f"dense{2}")(h)
+        if self.radius is None:
+            return h
+        return self.radius * h * jax.lax.rsqrt(jnp.sum(h * h, -1, keepdims=True) + 1e-12)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,13 +156,19 @@ class IMLEConfig:
         latent_dim: size of the generator's (flattened) latent z.
         aux_dim: size of the auxiliary normal ``e`` (default: ``latent_dim``).
         hidden: width of ``T_c``'s hidden layers.
-        num_aux: Γ, auxiliary samples drawn per cluster and epoch for the matching (Eq. 2).
+        num_aux: Γ, auxiliary samples drawn per cluster and epoch for the matching (Eq. 2), and the
+            size of the fixed draw the reported objective is measured on.
         batch_size: matched pairs per cluster and Adam step (Eq. 3).
         steps_per_epoch: Adam steps per epoch (default: one pass over the largest cluster,
             ``ceil(max count / batch_size)``; set by :func:`pack_targets`'s caller).
-        lr: Adam learning rate.
+        lr: Adam learning rate of the first epoch.
+        lr_decay: the rate is multiplied by this after every epoch (``lr · lr_decay^t`` in epoch
+            ``t``; a function of the epoch only, so a resumed run keeps the schedule).
         query_tile, candidate_tile: tile sizes of the nearest-neighbour search.
         bn_momentum: BatchNorm running-statistics decay.
+        latent_radius: ``T_c``'s outputs lie on the sphere of this radius (the generator prior's
+            root-mean-square norm, e.g. ``sqrt(latent_dim)`` for ``N(0, I)``; see the module
+            docstring); ``None``: unconstrained outputs, which shrink towards the cluster mean.
     """
 
     latent_dim: int
@@ -132,16 +178,19 @@ class IMLEConfig:
     batch_size: int = 128
     steps_per_epoch: Optional[int] = None
     lr: float = 1e-3
+    lr_decay: float = 1.0
     query_tile: int = 256
     candidate_tile: int = 1024
     bn_momentum: float = 0.9
+    latent_radius: Optional[float] = None
 
     @property
     def e_dim(self) -> int:
         return int(self.aux_dim or self.latent_dim)
 
     def model(self) -> MappingNet:
-        return MappingNet(out_dim=int(self.latent_dim), hidden=int(self.hidden), bn_momentum=float(self.bn_momentum))
+        return MappingNet(out_dim=int(self.latent_dim), hidden=int(self.hidden), bn_momentum=float(self.bn_momentum),
+                          radius=None if self.latent_radius is None else float(self.latent_radius))
 
     def check(self) -> None:
         """Raises :class:`IMLEError` naming the first impossible value."""
@@ -153,8 +202,12 @@ class IMLEConfig:
                 raise IMLEError(f"IMLE {name} must be >= 1 (or unset), got {getattr(self, name)}")
         if not self.lr > 0:
             raise IMLEError(f"IMLE learning rate must be > 0, got {self.lr}")
+        if not 0.0 < self.lr_decay <= 1.0:
+            raise IMLEError(f"IMLE lr_decay must be in (0, 1], got {self.lr_decay}")
         if not 0.0 <= self.bn_momentum < 1.0:
             raise IMLEError(f"IMLE bn_momentum must be in [0, 1), got {self.bn_momentum}")
+        if self.latent_radius is not None and not self.latent_radius > 0:
+            raise IMLEError(f"IMLE latent_radius must be > 0 (or unset), got {self.latent_radius}")
 
 
 class ClusterTargets(NamedTuple):
@@ -270,7 +323,11 @@ def _cluster_noise(key, cluster_ids, n: int):
 
 
 def _optimizer(config: IMLEConfig):
-    return optax.adam(config.lr)
+    """Adam; the rate falls by ``lr_decay`` per epoch (Adam's step count / ``steps_per_epoch``)."""
+    if config.lr_decay == 1.0 or config.steps_per_epoch is None:
+        return optax.adam(config.lr)
+    return optax.adam(optax.exponential_decay(config.lr, int(config.steps_per_epoch), config.lr_decay,
+                                              staircase=True))
 
 
 def init_state(config: IMLEConfig, key, cluster_ids) -> IMLEState:
@@ -320,21 +377,67 @@ def map_auxiliary(config: IMLEConfig, params, batch_stats, e, *, train: bool = F
 
 
 def epoch_program(config: IMLEConfig) -> Callable:
-    """The jitted IMLE epoch ``(state, targets, key) -> (state, metrics)`` (Algorithm 1's loop body).
+    """The jitted IMLE epoch ``(state, targets, key, e_eval) -> (state, metrics)`` (Algorithm 1's loop body).
 
-    Every cluster draws Γ = ``num_aux`` auxiliary vectors, maps them with batch statistics of
-    the whole pool (the running statistics are not updated by this pass), matches each of its
-    targets to the nearest mapped sample (Eq. 2, :func:`nearest_neighbours`), then runs
-    ``steps_per_epoch`` Adam steps on mini-batches of matched pairs minimising the mean of
-    ``||z_i - T_c(e_i)||²`` (Eq. 3), all clusters at once (``vmap``).
+    Every cluster draws Γ = ``num_aux`` auxiliary vectors from ``key``, maps them with batch
+    statistics of the whole pool (the running statistics are not updated by this pass),
+    matches each of its targets to the nearest mapped sample (Eq. 2, :func:`nearest_neighbours`),
+    then runs ``steps_per_epoch`` Adam steps on mini-batches of matched pairs minimising the
+    mean of ``||z_i - T_c(e_i)||²`` (Eq. 3), all clusters at once (``vmap``). Afterwards the
+    IMLE objective is measured on the fixed evaluation draw ``e_eval`` (module docstring).
+
+    Args (of the returned function):
+        state: :class:`IMLEState`, donated.
+        targets: :class:`ClusterTargets`.
+        key: this epoch's PRNG key.
+        e_eval: ``[C, G_eval, aux_dim]`` the same auxiliary draw every epoch (:func:`evaluation_draw`).
 
     Returns:
-        A jitted function; ``metrics`` holds ``objective [C]`` (mean over targets of the
-        matched squared distance, before the epoch's steps) and ``loss [C]`` (mean step loss).
+        A jitted function; ``metrics`` holds, per cluster ``[C]``: ``objective`` (Eq. 2 on
+        ``e_eval``, :func:`imle_objective`, after the epoch's steps), ``matching_objective``
+        (mean matched squared distance of the epoch's own draw, before its steps), ``loss``
+        (mean step loss), ``max_in_degree`` (most targets matched to one sample) and
+        ``matched_fraction`` (distinct matched samples / ``min(count, Γ)``).
     """
     if config.steps_per_epoch is None:
         raise IMLEError("epoch_program needs config.steps_per_epoch (train_imle sets it from the cluster sizes)")
     return _epoch_program(config)
+
+
+def _masked_objective(dist, valid, counts):
+    return jnp.sum(jnp.where(valid, dist, 0.0), 1) / counts
+
+
+def imle_objective(config: IMLEConfig, params, batch_stats, targets: ClusterTargets, e):
+    """Eq. 2's value ``mean_i min_γ ||z_i - T_c(e_γ)||²`` per cluster. Jittable.
+
+    ``T_c`` normalises with the batch statistics of ``e``'s own rows, as in the matching step
+    (a function of the parameters only; the running statistics are neither used nor updated).
+
+    Args:
+        targets: :class:`ClusterTargets` (``z [C, M, d]``, padding excluded by ``counts``).
+        e: ``[C, G, aux_dim]`` auxiliary vectors.
+
+    Returns:
+        ``[C] float32``.
+    """
+    nn_search = functools.partial(nearest_neighbours, query_tile=config.query_tile,
+                                  candidate_tile=config.candidate_tile)
+    z, counts, _ = targets
+    _, dist = jax.vmap(nn_search)(z, map_auxiliary(config, params, batch_stats, e, train=True))
+    return _masked_objective(dist, jnp.arange(z.shape[1])[None, :] < counts[:, None], counts)
+
+
+def evaluation_draw(config: IMLEConfig, key, cluster_ids, n: Optional[int] = None):
+    """The fixed auxiliary draw the objective is reported on: ``[C, n, aux_dim]`` (``n``: Γ), row c from
+    ``fold_in(key, cluster_ids[c])``."""
+    n = int(config.num_aux if n is None else n)
+    return _eval_draw(config.e_dim, n, key, jnp.asarray(cluster_ids, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _eval_draw(e_dim, n, key, cluster_ids):
+    return _cluster_noise(key, cluster_ids, n * e_dim).reshape(-1, n, e_dim)
 
 
 @functools.lru_cache(maxsize=8)
@@ -353,7 +456,7 @@ def _epoch_program(config: IMLEConfig):
         updates, o = tx.update(grads, o, p)
         return optax.apply_updates(p, updates), st, o, loss
 
-    def epoch(state: IMLEState, targets: ClusterTargets, key):
+    def epoch(state: IMLEState, targets: ClusterTargets, key, e_eval):
         z, counts, ids = targets
         _, m, _ = z.shape
         noise = _cluster_noise(key, ids, gamma * config.e_dim + m)
@@ -361,7 +464,7 @@ def _epoch_program(config: IMLEConfig):
         z_tilde = map_auxiliary(config, state.params, state.batch_stats, e, train=True)   # [C, Γ, d]
         idx, dist = jax.vmap(nn_search)(z, z_tilde)                                       # Eq. 2: [C, M]
         valid = jnp.arange(m)[None, :] < counts[:, None]
-        objective = jnp.sum(jnp.where(valid, dist, 0.0), 1) / counts
+        in_degree = jax.vmap(lambda i, v: jnp.zeros((gamma,), jnp.int32).at[i].add(v.astype(jnp.int32)))(idx, valid)
         e_match = jnp.take_along_axis(e, idx[..., None], 1)                               # [C, M, aux]
         order = jnp.argsort(jnp.where(valid, noise[:, gamma * config.e_dim:], jnp.inf), axis=1)  # rows shuffled
 
@@ -376,7 +479,11 @@ def _epoch_program(config: IMLEConfig):
         (p, st, o), losses = jax.lax.scan(step, (state.params, state.batch_stats, state.opt_state),
                                           jnp.arange(steps))
         new = IMLEState(epoch=state.epoch + 1, params=p, batch_stats=st, opt_state=o)
-        return new, {"objective": objective, "loss": jnp.mean(losses, 0)}
+        return new, {"objective": imle_objective(config, p, st, targets, e_eval),
+                     "matching_objective": _masked_objective(dist, valid, counts),
+                     "loss": jnp.mean(losses, 0),
+                     "max_in_degree": jnp.max(in_degree, 1),
+                     "matched_fraction": jnp.sum(in_degree > 0, 1) / jnp.minimum(counts, gamma)}
 
     return jax.jit(epoch, donate_argnums=0)
 
@@ -390,7 +497,8 @@ class IMLEResult(NamedTuple):
     Attributes:
         state: the final :class:`IMLEState`.
         config: the :class:`IMLEConfig` used (``steps_per_epoch`` filled in).
-        history: one record per epoch from the first: ``{"epoch", "objective": [C], "loss": [C]}``.
+        history: one record per epoch from the first: ``{"epoch"}`` and the metrics of
+            :func:`epoch_program` (lists of C floats).
         resumed_from: the epoch a resumed run continued from (``None``: not resumed).
     """
 
@@ -408,7 +516,8 @@ def train_imle(targets: ClusterTargets, key, config: IMLEConfig, *, epochs: int,
     Args:
         targets: the clusters' latent codes (:func:`pack_targets`).
         key: PRNG key; the weights come from ``fold_in(fold_in(key, 0), c)``, epoch ``t``'s samples
-            from ``fold_in(fold_in(key, 1), t)``.
+            from ``fold_in(fold_in(key, 1), t)``, the fixed evaluation draw of the reported objective
+            from ``fold_in(fold_in(key, 2), c)``.
         config: :class:`IMLEConfig` (``steps_per_epoch=None``: one pass over the largest cluster).
         epochs: train until this many epochs are done.
         run_dir: save Orbax checkpoints in ``run_dir/checkpoints`` (``None``: none).
@@ -428,7 +537,7 @@ def train_imle(targets: ClusterTargets, key, config: IMLEConfig, *, epochs: int,
         raise IMLEError(f"epochs must be >= 0 and checkpoint_every >= 1, got {epochs} and {checkpoint_every}")
     if resume and run_dir is None:
         raise IMLEError("resume=True needs the run_dir holding the checkpoints")
-    k_init, k_train = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+    k_init, k_train, k_eval = (jax.random.fold_in(key, i) for i in range(3))
     init = _init_program(config)
     targets = ClusterTargets(*(jnp.asarray(a) for a in targets))
     state, history, resumed_from = None, [], None
@@ -447,11 +556,12 @@ def train_imle(targets: ClusterTargets, key, config: IMLEConfig, *, epochs: int,
         if state is None:
             state = init(k_init, targets.cluster_ids)
         run_epoch = epoch_program(config)
+        e_eval = evaluation_draw(config, k_eval, targets.cluster_ids)
         start = int(state.epoch)
         with tqdm(total=epochs, initial=min(start, epochs), desc="IMLE epochs", disable=not progress,
                   unit="epoch") as bar:
             for t in range(start, epochs):
-                state, metrics = run_epoch(state, targets, jax.random.fold_in(k_train, t))
+                state, metrics = run_epoch(state, targets, jax.random.fold_in(k_train, t), e_eval)
                 rec = {"epoch": t + 1, **{k: np.asarray(v).astype(float).tolist() for k, v in metrics.items()}}
                 history.append(rec)
                 if on_epoch is not None:
