@@ -353,14 +353,20 @@ def trgb_noise_ssim(gen: StyleGAN2, params, ws, key) -> dict[int, float]:
         ``{r: mean SSIM over the N images}`` (images mapped from [-1, 1] to [0, 1], clipped).
     """
     check_generator(gen)
-    base, _ = gen.synthesize_styles(params, ws)
     unit = lambda x: jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)  # noqa: E731
-    out = {}
-    for i, r in enumerate(gen.block_resolutions):
-        noise = jax.random.normal(jax.random.fold_in(key, i), (ws.shape[0], r, r, gen.img_channels))
-        img, _ = gen.synthesize_styles(params, ws, edits={f"b{r}.torgb": (jnp.zeros(()), noise)})
-        out[int(r)] = float(jnp.mean(ssim(unit(img), unit(base))))
-    return out
+
+    @jax.jit
+    def run(params, ws, key):  # one program for every resolution: [num_blocks] mean SSIMs
+        base, _ = gen.synthesize_styles(params, ws)
+        out = []
+        for i, r in enumerate(gen.block_resolutions):
+            noise = jax.random.normal(jax.random.fold_in(key, i), (ws.shape[0], r, r, gen.img_channels))
+            img, _ = gen.synthesize_styles(params, ws, edits={f"b{r}.torgb": (jnp.zeros(()), noise)})
+            out.append(jnp.mean(ssim(unit(img), unit(base))))
+        return jnp.stack(out)
+
+    values = np.asarray(run(params, ws, key))
+    return {int(r): float(v) for r, v in zip(gen.block_resolutions, values)}
 
 
 def select_alpha_start(ssim_by_resolution: Mapping[int, float], ratio: float = 1.25) -> int:
