@@ -137,10 +137,10 @@ def test_select_alpha_start_follows_the_paper_rule():
     assert l4f.select_alpha_start({4: 0.5, 8: 0.49, 16: 0.48}) == 4            # no drop: keep everything
 
 
-def test_trgb_noise_ssim_is_lower_for_the_last_layers_noise():
+def test_trgb_noise_ssim_covers_every_resolution():
     params = _numpy_params(TINY)
     out = l4f.trgb_noise_ssim(TINY, params, _ws(TINY, params), jax.random.key(0))
-    assert set(out) == {4, 8} and all(-1 <= v <= 1 for v in out.values())
+    assert set(out) == {4, 8} and all(-1 <= v < 0.999 for v in out.values())   # noise changes the image
 
 
 def test_gradient_scores_vanish_at_the_image_and_rank_layers():
