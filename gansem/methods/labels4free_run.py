@@ -386,7 +386,9 @@ def fit_labels4free(gen, gparams, cfg: l4f.Labels4FreeConfig, out_dir: Optional[
         if analysis is not None:
             training.write_json(os.path.join(out_dir, "analysis.json"), analysis)
 
-    progs = l4f_programs(gen, run_cfg, mesh)
+    # the programs do not depend on the step count or the seed (an argument of init): one compilation serves
+    # a run and its resumption with more steps
+    progs = l4f_programs(gen, dataclasses.replace(run_cfg, steps=1, seed=0), mesh)
     gp = jax.device_put(gparams, sharding.replicated(mesh))
     mngr = training.checkpoint_manager(out_dir, create=True) if out_dir is not None else None
     state, first = None, 0
