@@ -77,10 +77,12 @@ def build_parser():
                    help="reference labeller of generated images for the scores: 'faces' (built-in; foreground = "
                         "face parts, not the paper's BiSeNet person masks) or 'module:function' / "
                         "'file.py:function' mapping uint8 [B,H,W,3] to int [B,H,W]; class 0 is background")
-    p.add_argument("--ignore-label", type=int, default=None, help="reference label value the scores skip")
+    p.add_argument("--ignore-label", type=int, default=None,
+                   help="reference label value the scores skip (of --labels or of the --eval-folder masks)")
     p.add_argument("--eval-folder", default=None,
                    help="labelled folder (DIR/images/eval_<i>.png + DIR/masks/eval_<i>.png, 0 = background) with "
-                        "masks of this run's OUT/eval/images: score against it instead of --labels")
+                        "masks of this run's OUT/eval/images: score against it instead of --labels (with --resume "
+                        "on a finished run: only the evaluation and the report are redone)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between Orbax checkpoints")
     p.add_argument("--log-every", type=int, default=10, help="steps between fetches of the losses")
     p.add_argument("--resume", action="store_true",
@@ -111,7 +113,8 @@ def main(argv=None) -> int:
     out = fit_labels4free(
         gen, params, cfg, args.out, resume=args.resume, mesh=mesh, generator_info=info,
         analysis_samples=args.analysis_samples, eval_samples=args.eval_samples, num_panels=args.panels,
-        labels=labels, eval_folder=args.eval_folder, checkpoint_every=args.checkpoint_every,
+        labels=labels, eval_folder=args.eval_folder, folder_ignore_label=args.ignore_label,
+        checkpoint_every=args.checkpoint_every,
         log_every=args.log_every, progress=not args.no_progress, quiet=args.quiet, command=command)
     ev = out.summary["evaluation"]
     scores = ev["scores"]

@@ -23,6 +23,7 @@ from gansem.generators.stylegan2 import StyleGAN2
 from gansem.methods import labels4free as l4f
 from gansem.methods.labels4free_run import Labels4FreeError, _folder_reference, evaluate_masks, fit_labels4free
 from gansem.methods.stylegan2_discriminator import StyleGAN2Discriminator, minibatch_stddev
+from gansem.zoo import load_generator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = StyleGAN2(z_dim=8, w_dim=8, img_resolution=8, channel_base=64, channel_max=8, mapping_layers=1)
@@ -293,6 +294,29 @@ def test_resume_continues_exactly(tmp_path):
         _fit(str(tmp_path / "one"))
     for f in ("report.md", "panels.png", "curves.png", "manifest.json", "eval/images/eval_00003.png"):
         assert os.path.isfile(tmp_path / "one" / f), f
+    # label the run's evaluation images (made-up masks), resume the finished run with the folder: scores + table
+    folder = tmp_path / "labelled"
+    os.makedirs(folder / "masks")
+    os.symlink(tmp_path / "one" / "eval" / "images", folder / "images")
+    ref = np.zeros((4, 16, 16), np.uint8)
+    for i in range(4):
+        ref[i, 4:12, 2 + i:10 + i] = 1
+        Image.fromarray(ref[i] * 3).save(folder / "masks" / f"eval_{i:05d}.png")
+    scored = _fit(str(tmp_path / "one"), resume=True, eval_folder=str(folder))
+    soft = np.load(tmp_path / "one" / "eval" / "soft_masks.npy")
+    assert scored.summary["evaluation"]["scores"] == evaluate_masks(soft, ref, RUN_CFG.mask_threshold)
+    assert "| Acc | IoU fg | IoU bg | mIoU | F1 | Prec | Rec | maxFβ (β²=0.3) |" in open(tmp_path / "one" / "report.md").read()
+
+
+@pytest.mark.slow
+def test_runs_on_rosinality_weights(tmp_path):
+    gen, params, _ = load_generator(os.path.join(ROOT, "tests", "fixtures", "rosinality_stylegan2",
+                                                 "stylegan2_tiny32.pt"))
+    assert gen.weights_convention == "rosinality"
+    cfg = l4f.Labels4FreeConfig(alpha_start=16, alpha_channels=4, steps=2, d_channel_base=64, d_channel_max=4)
+    out = fit_labels4free(gen, params, cfg, None, analysis_samples=0, eval_samples=2, num_panels=2,
+                          progress=False, quiet=True)
+    assert len(out.history) == 2 and np.isfinite(out.history[-1]["a_loss"])
 
 
 @pytest.mark.slow

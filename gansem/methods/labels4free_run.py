@@ -53,7 +53,7 @@ from .. import sharding, training, viz
 from ..features import to_uint8
 from ..metrics import binary_segmentation_metrics, max_f_beta
 from ..training import CHECKPOINT_DIR, METRICS_FILE, MODEL_FILE
-from ..ufgs.labelled import from_folder
+from ..ufgs.labelled import folder_pairs, from_folder
 from . import labels4free as l4f
 from .stylegan2_discriminator import StyleGAN2Discriminator
 from .stylemix_run import reference_foreground
@@ -256,21 +256,19 @@ def evaluate_masks(soft_masks, reference, threshold: float, ignore_label: Option
             "max_f_beta_threshold": f.threshold}
 
 
-def _folder_reference(folder: str, n: int, resolution: int):
+def _folder_reference(folder: str, n: int, resolution: int, ignore_label: Optional[int] = None):
     """Reference fg masks ``[n, R, R]`` of the evaluation samples from a labelled folder (names ``eval_<i>``)."""
-    lab = from_folder(folder)
-    names = [os.path.splitext(os.path.basename(p))[0] for p in
-             sorted(os.listdir(os.path.join(folder, "images")))]
+    index = {name: i for i, (name, _, _) in enumerate(folder_pairs(folder))}
     wanted = [f"eval_{i:05d}" for i in range(n)]
-    missing = sorted(set(wanted) - set(names))
+    missing = sorted(set(wanted) - set(index))
     if missing:
         raise Labels4FreeError(f"{folder}: no labelled pair for the evaluation samples {missing[:3]} "
                                f"(of {len(missing)}); label the images of <run>/{EVAL_DIR}/images "
                                "(masks/<name>.png, 0 = background) or lower --eval-samples")
-    index = {name: i for i, name in enumerate(sorted(names))}
+    lab = from_folder(folder, indices=[index[name] for name in wanted], ignore_label=ignore_label)
     ref = []
-    for name in wanted:
-        img, lab_map = lab[index[name]]
+    for j, name in enumerate(wanted):
+        _, lab_map = lab[j]
         if lab_map.shape != (resolution, resolution):
             raise Labels4FreeError(f"{folder}: mask {name}.png is {lab_map.shape[1]}x{lab_map.shape[0]}; the "
                                    f"evaluation samples are {resolution}x{resolution}")
@@ -322,7 +320,8 @@ def _run_analysis(gen, gparams, key, num: int, crop: int) -> dict:
 def fit_labels4free(gen, gparams, cfg: l4f.Labels4FreeConfig, out_dir: Optional[str] = None, *,
                     resume: bool = False, mesh=None, generator_info: Optional[dict] = None,
                     analysis_samples: int = 8, eval_samples: int = 16, num_panels: int = 6, labels=None,
-                    eval_folder: Optional[str] = None, checkpoint_every: int = 100, log_every: int = 10,
+                    eval_folder: Optional[str] = None, folder_ignore_label: Optional[int] = None,
+                    checkpoint_every: int = 100, log_every: int = 10,
                     progress: bool = True, quiet: bool = False, command: Optional[str] = None,
                     stop_after: Optional[int] = None) -> Labels4FreeResult:
     """Train the alpha network and the weak discriminator on a frozen StyleGAN2; evaluate; write the run.
@@ -340,7 +339,9 @@ def fit_labels4free(gen, gparams, cfg: l4f.Labels4FreeConfig, out_dir: Optional[
         num_panels: samples in ``panels.png``.
         labels: reference labeller ``uint8 [B, R, R, 3] -> int [B, R, R]`` (class 0 = background)
             for the scores, e.g. ``resolve_labels_source("faces")``; or ``eval_folder``: a labelled
-            folder (:func:`gansem.ufgs.labelled.from_folder`) holding masks of ``eval/images``.
+            folder (:func:`gansem.ufgs.labelled.from_folder`) holding masks of ``eval/images``
+            (``folder_ignore_label``: its mask value of unlabelled pixels). Resuming a finished run
+            with a folder only evaluates (and rewrites the report).
         checkpoint_every, log_every: in steps.
         stop_after: stop (after checkpointing) once this many steps are done, without evaluating
             (tests of resumption); ``None``: train to ``cfg.steps``.
@@ -458,8 +459,8 @@ def fit_labels4free(gen, gparams, cfg: l4f.Labels4FreeConfig, out_dir: Optional[
         evaluation["reference"] = {"kind": "labeller", "name": str(getattr(labels, "name", labels)),
                                    "ignore_label": ignore}
     elif eval_folder is not None and eval_samples:
-        ref, evaluation["reference"] = _folder_reference(eval_folder, eval_samples, gen.resolution)
-        ignore = None
+        ignore = folder_ignore_label
+        ref, evaluation["reference"] = _folder_reference(eval_folder, eval_samples, gen.resolution, ignore)
     if ref is not None:
         evaluation["scores"] = evaluate_masks(soft[:eval_samples], ref, cfg.mask_threshold, ignore)
     summary["evaluation"] = evaluation
