@@ -305,7 +305,8 @@ def test_resume_continues_exactly(tmp_path):
     scored = _fit(str(tmp_path / "one"), resume=True, eval_folder=str(folder))
     soft = np.load(tmp_path / "one" / "eval" / "soft_masks.npy")
     assert scored.summary["evaluation"]["scores"] == evaluate_masks(soft, ref, RUN_CFG.mask_threshold)
-    assert "| Acc | IoU fg | IoU bg | mIoU | F1 | Prec | Rec | maxFβ (β²=0.3) |" in open(tmp_path / "one" / "report.md").read()
+    report = open(tmp_path / "one" / "report.md").read()
+    assert "| Acc | IoU fg | IoU bg | mIoU | F1 | Prec | Rec | maxFβ (β²=0.3) |" in report
 
 
 @pytest.mark.slow
