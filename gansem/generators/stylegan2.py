@@ -39,6 +39,12 @@ the ones of the KLiSH paper's Tab. 2 (genforce numbering): the last layer of res
 (64…1024 px, 512+256+128+64+32 = 992 channels). Besides the feature layers,
 ``synthesize_styles`` can also capture the auxiliary outputs ``b{R}.torgb`` (toRGB output
 before the skip sum), ``b{R}.img`` (running skip image) and ``b{R}.x`` (block output).
+
+Layer edits: ``synthesize_styles(..., edits={name: (scale, shift)})`` replaces the output ``x`` of
+a feature layer or of ``b{R}.torgb`` by ``x · scale + shift`` before the next layer reads it (and
+before it is captured); ``scale`` and ``shift`` broadcast against ``[N, h, w, C]``. Zeroing
+channels (``scale`` a 0/1 ``[C]`` vector) gives Labels4Free's background generator; the gradient
+with respect to a zero ``shift`` is the gradient with respect to that layer's tensor.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ import dataclasses
 import functools
 import math
 import numbers
-from typing import ClassVar, Optional, Sequence
+from typing import ClassVar, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -115,6 +121,14 @@ class MappingNetwork(nn.Module):
             x = FullyConnected(feats[i], feats[i + 1], lr_multiplier=self.lr_multiplier,
                                activation="lrelu", name=f"fc{i}")(x)
         return x
+
+
+def _edit(x, edits, name):
+    """``x · scale + shift`` for the layer ``name`` of ``edits`` (``{name: (scale, shift)}``), else ``x``."""
+    if not edits or name not in edits:
+        return x
+    scale, shift = edits[name]
+    return x * scale + shift
 
 
 def _noise(noise_mode, noise_key, x, noise_const, strength):
@@ -209,8 +223,8 @@ class SynthesisBlock(nn.Module):
     resample_filter: tuple
 
     @nn.compact
-    def __call__(self, x, img, ws, noise_mode="const", noise_key=None):
-        # ws: [N, num_conv + num_torgb, w_dim]
+    def __call__(self, x, img, ws, noise_mode="const", noise_key=None, edits=None):
+        # ws: [N, num_conv + num_torgb, w_dim]; edits: {layer name: (scale, shift)} (see the module docstring)
         r = self.resolution
         f = ops.setup_filter(self.resample_filter)
         keys = [None, None] if noise_key is None else list(jax.random.split(noise_key, 2))
@@ -221,21 +235,21 @@ class SynthesisBlock(nn.Module):
         if self.in_channels == 0:
             const = self.param("const", _normal, (self.out_channels, r, r))
             x = jnp.broadcast_to(jnp.transpose(const, (1, 2, 0))[None], (ws.shape[0], r, r, self.out_channels))
-            out[f"b{r}.const"] = x
+            x = out[f"b{r}.const"] = _edit(x, edits, f"b{r}.const")
             x = SynthesisLayer(self.out_channels, self.out_channels, name="conv1", **layer_kw)(
                 x, ws[:, wi], noise_mode, keys[1])
-            out[f"b{r}.conv1"] = x
+            x = out[f"b{r}.conv1"] = _edit(x, edits, f"b{r}.conv1")
             wi += 1
         else:
             if self.architecture == "resnet":
                 y = SkipLayer(self.in_channels, self.out_channels, self.resample_filter, name="skip")(x)
             x = SynthesisLayer(self.in_channels, self.out_channels, up=2, name="conv0", **layer_kw)(
                 x, ws[:, wi], noise_mode, keys[0])
-            out[f"b{r}.conv0"] = x
+            x = out[f"b{r}.conv0"] = _edit(x, edits, f"b{r}.conv0")
             gain = math.sqrt(0.5) if self.architecture == "resnet" else 1.0
             x = SynthesisLayer(self.out_channels, self.out_channels, name="conv1", **layer_kw)(
                 x, ws[:, wi + 1], noise_mode, keys[1], gain=gain)
-            out[f"b{r}.conv1"] = x
+            x = out[f"b{r}.conv1"] = _edit(x, edits, f"b{r}.conv1")
             wi += 2
             if self.architecture == "resnet":
                 x = y + x
@@ -245,7 +259,7 @@ class SynthesisBlock(nn.Module):
         if self.is_last or self.architecture == "skip":
             y = ToRGBLayer(self.out_channels, self.img_channels, self.w_dim, self.conv_clamp, name="torgb")(
                 x, ws[:, wi])
-            out[f"b{r}.torgb"] = y
+            y = out[f"b{r}.torgb"] = _edit(y, edits, f"b{r}.torgb")
             img = y if img is None else img + y
         out[f"b{r}.img"] = img
         return x, img, out
@@ -264,7 +278,7 @@ class SynthesisNetwork(nn.Module):
     resample_filter: tuple = (1, 3, 3, 1)
 
     @nn.compact
-    def __call__(self, ws, noise_mode="const", noise_key=None):
+    def __call__(self, ws, noise_mode="const", noise_key=None, edits=None):
         x = img = None
         outputs = {}
         w_idx = 0
@@ -280,7 +294,7 @@ class SynthesisNetwork(nn.Module):
                 w_dim=self.w_dim, resolution=r, img_channels=self.img_channels, is_last=is_last,
                 architecture=self.architecture, conv_clamp=self.conv_clamp, use_noise=self.use_noise,
                 resample_filter=self.resample_filter, name=f"b{r}",
-            )(x, img, ws[:, w_idx:w_idx + num_conv + num_torgb], noise_mode, block_key)
+            )(x, img, ws[:, w_idx:w_idx + num_conv + num_torgb], noise_mode, block_key, edits)
             outputs.update(out)
             w_idx += num_conv
         return img, outputs
@@ -304,8 +318,8 @@ class StyleGAN2Network(nn.Module):
     def map(self, z, c):
         return self.mapping(z, c)
 
-    def synthesize(self, ws, noise_mode, noise_key):
-        return self.synthesis(ws, noise_mode, noise_key)
+    def synthesize(self, ws, noise_mode, noise_key, edits=None):
+        return self.synthesis(ws, noise_mode, noise_key, edits)
 
 
 @functools.lru_cache(maxsize=64)
@@ -326,14 +340,14 @@ def _mapping_fn(gen):
 
 @functools.lru_cache(maxsize=64)
 def _synthesis_fn(gen, names: frozenset, noise_mode: str):
-    """Jitted ``(params, ws, noise_key) -> (img, {name: map})`` (cached per config/capture/noise mode).
+    """Jitted ``(params, ws, noise_key, edits) -> (img, {name: map})`` (cached per config/capture/noise mode).
 
     Jitting here keeps eager calls fast; inside a caller's ``jax.jit`` it simply inlines.
     """
     net = gen.network()
 
-    def run(params, ws, noise_key):
-        img, outputs = net.apply(params, ws, noise_mode, noise_key, method=StyleGAN2Network.synthesize)
+    def run(params, ws, noise_key, edits):
+        img, outputs = net.apply(params, ws, noise_mode, noise_key, edits, method=StyleGAN2Network.synthesize)
         return img, {k: outputs[k] for k in names}
 
     return jax.jit(run)
@@ -610,7 +624,7 @@ class StyleGAN2(Generator):
         return mix_styles(ws_a, ws_b, cutoff)
 
     def synthesize_styles(self, params, styles, capture: Sequence[str] | bool = (), noise_key=None,
-                          noise_mode: Optional[str] = None):
+                          noise_mode: Optional[str] = None, edits: Optional[Mapping] = None):
         """Synthesis network: w+ → image and captured layers.
 
         Args:
@@ -619,6 +633,10 @@ class StyleGAN2(Generator):
             capture: feature-layer / auxiliary names, or True for every feature layer.
             noise_key: PRNG key, required for ``noise_mode='random'``.
             noise_mode: overrides the generator's setting.
+            edits: ``{layer name: (scale, shift)}``: the output ``x`` of that feature layer or
+                ``b{R}.torgb`` becomes ``x · scale + shift`` (both broadcast against ``[N, h, w, C]``)
+                before the network goes on; e.g. ``{"b4.conv1": (jnp.zeros(C), 0.0)}`` switches off
+                the first layer (Labels4Free's background generator).
 
         Returns:
             ``(images [N, R, R, img_channels] float32 (not clamped), {name: [N, h, w, C]})``.
@@ -636,4 +654,12 @@ class StyleGAN2(Generator):
             raise GeneratorError(
                 f"stylegan2: styles must be [N, {self.num_ws}, {self.w_dim}] (w+), got shape {tuple(ws.shape)}"
             )
-        return _synthesis_fn(self, names, mode)(params, ws, noise_key if mode == "random" else None)
+        edits = None if not edits else dict(edits)
+        if edits:
+            editable = {l.name for l in self.feature_layers()} | {n for n in self.auxiliary_outputs()
+                                                                  if n.endswith(".torgb")}
+            if set(edits) - editable:
+                raise GeneratorError(f"stylegan2: cannot edit {sorted(set(edits) - editable)}; editable layers: "
+                                     f"{sorted(editable)}")
+            edits = {k: (jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)) for k, (a, b) in edits.items()}
+        return _synthesis_fn(self, names, mode)(params, ws, noise_key if mode == "random" else None, edits)

@@ -11,4 +11,11 @@ sharding, UFGS, viz).
 * :mod:`gansem.methods.imle` -- per-cluster mappings ``T_c`` trained by IMLE (seed 002, Eq. 2-3).
 * :mod:`gansem.methods.cluster_sampling` -- the cluster-guided sampling job: clusters, IMLE,
   evaluation (assignment accuracy against the prior), pictures and report.
+* :mod:`gansem.methods.labels4free` -- Labels4Free (seed 001): alpha network on a frozen StyleGAN2's
+  features, background generator with the first layer switched off, regularisers B/C/E, the
+  tRGB-noise and gradient layer analyses, the paper's per-dataset configs.
+* :mod:`gansem.methods.labels4free_run` -- its resumable data-parallel training run (optax, Orbax),
+  evaluation against reference labels (Acc, IoU fg/bg, mIoU, F1, Prec, Rec, maxFβ) and report.
+* :mod:`gansem.methods.stylegan2_discriminator` -- the StyleGAN2 discriminator in Flax (Labels4Free's
+  weak discriminator, trained from scratch).
 """
