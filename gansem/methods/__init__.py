@@ -11,4 +11,9 @@ sharding, UFGS, viz).
 * :mod:`gansem.methods.imle` -- per-cluster mappings ``T_c`` trained by IMLE (seed 002, Eq. 2-3).
 * :mod:`gansem.methods.cluster_sampling` -- the cluster-guided sampling job: clusters, IMLE,
   evaluation (assignment accuracy against the prior), pictures and report.
+* :mod:`gansem.methods.latent_direction` -- the latent-direction segmenter (seed 004): directions ``v_l``,
+  ``v_d`` minimising the brightness (radial prior) and Sobel edge-consistency terms (Eq. 1), masks from
+  ``G(z + εv_l)`` vs ``G(z + εv_d)`` (Eq. 2), the dataset refinement.
+* :mod:`gansem.methods.latent_direction_run` -- its run: directions, a UFGS mask dataset, the segmenter
+  trained on it, evaluation against a reference and trivial baselines, pictures and report.
 """
