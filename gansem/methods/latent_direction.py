@@ -179,10 +179,10 @@ def latent_space(gen: Generator) -> str:
     """
     space = LATENT_SPACES.get(gen.family)
     if space is None:
+        by_space = {sp: ", ".join(f for f, v in LATENT_SPACES.items() if v == sp) for sp in ("z", "w")}
         raise LatentDirectionError(
-            f"the latent-direction segmenter shifts a generator's latent code (z for {', '.join(k for k, v in LATENT_SPACES.items() if v == 'z')}; "
-            f"w for {', '.join(k for k, v in LATENT_SPACES.items() if v == 'w')}); the {gen.family} generator has "
-            "no such code to shift. Use one of those families")
+            f"the latent-direction segmenter shifts a generator's latent code (z for {by_space['z']}; w for "
+            f"{by_space['w']}); the {gen.family} generator has no such code to shift. Use one of those families")
     return space
 
 
@@ -302,7 +302,8 @@ class DirectionState(NamedTuple):
 
     Attributes:
         step: int32 [] completed steps.
-        u: ``[2, D]`` float32 unnormalised directions; row 0 optimised with ``+λ`` (``v_l``), row 1 with ``-λ`` (``v_d``).
+        u: ``[2, D]`` float32 unnormalised directions; row 0 optimised with ``+λ`` (``v_l``),
+            row 1 with ``-λ`` (``v_d``).
         opt_state: the Adam state of ``u``.
     """
 
@@ -390,8 +391,9 @@ def optimise_directions(gen: Generator, params, config: DirectionConfig, key, *,
     """Find ``v_l`` and ``v_d`` by minimising Eq. 1 with ``±λ`` (Adam on ``u``, ``v = u / ||u||``).
 
     Step ``t`` draws ``config.batch_size`` latents (and classes) from ``fold_in(key, t)``; ``u``
-    starts from ``N(0, I)`` drawn from ``key``. N steps, then a resumed run to 2N, give the
-    same bits as 2N steps in one go (on the same devices), also after the process was killed.
+    starts from ``N(0, I)`` drawn from ``fold_in(key, 2**31 - 1)``. N steps, then a resumed run to
+    2N, give the same bits as 2N steps in one go (on the same devices), also after the process was
+    killed.
 
     Args:
         gen, params: the generator (any family of :data:`LATENT_SPACES`) and its parameters.
