@@ -277,7 +277,8 @@ def _markdown(s: dict) -> str:
               "`dataset/` (UFGS format).", "",
               f"Segmenter: {s['segmenter']['arch']}, {s['segmenter']['steps']} steps of batch "
               f"{s['segmenter']['batch_size']}, final loss {s['segmenter']['final_loss']:.4f}, "
-              f"{s['seconds']['segmenter']:.0f} s: `segmenter/`.", ""]
+              f"{s['seconds']['segmenter']:.0f} s: `segmenter/`.", "", "![segmenter training](segmenter/curves.png)",
+              ""]
     ev = s["evaluation"]
     if ev.get("table"):
         lines += [f"## Evaluation on {ev['samples']} fresh samples against `{ev['labels']}`", "",
