@@ -18,4 +18,9 @@ sharding, UFGS, viz).
   evaluation against reference labels (Acc, IoU fg/bg, mIoU, F1, Prec, Rec, maxFβ) and report.
 * :mod:`gansem.methods.stylegan2_discriminator` -- the StyleGAN2 discriminator in Flax (Labels4Free's
   weak discriminator, trained from scratch).
+* :mod:`gansem.methods.latent_direction` -- the latent-direction segmenter (seed 004): directions ``v_l``,
+  ``v_d`` minimising the brightness (radial prior) and Sobel edge-consistency terms (Eq. 1), masks from
+  ``G(z + εv_l)`` vs ``G(z + εv_d)`` (Eq. 2), the dataset refinement.
+* :mod:`gansem.methods.latent_direction_run` -- its run: directions, a UFGS mask dataset, the segmenter
+  trained on it, evaluation against a reference and trivial baselines, pictures and report.
 """
