@@ -3,6 +3,8 @@ sharding, UFGS, viz).
 
 * :mod:`gansem.methods.stylemix` -- network-free style-mixing segmentation (seed 003): style summary
   tensor, per-image K-means, corner-minority and saliency foreground rules.
+* :mod:`gansem.methods.mask_dataset` -- the foreground-mask datasets (UFGS format) that style mixing and
+  the latent-direction segmenter write, and the reference-foreground helper they share.
 * :mod:`gansem.methods.stylemix_run` -- its run directory: segmentation report and pictures, the
   cutoff/colour-space ablation, and a foreground-mask dataset in the UFGS format.
 * :mod:`gansem.methods.latent_clusters` -- image-level clusters of a generator layer's

@@ -56,7 +56,7 @@ from ..training import CHECKPOINT_DIR, METRICS_FILE, MODEL_FILE
 from ..ufgs.labelled import folder_pairs, from_folder
 from . import labels4free as l4f
 from .stylegan2_discriminator import StyleGAN2Discriminator
-from .stylemix_run import reference_foreground
+from .mask_dataset import reference_foreground
 
 __all__ = ["MODEL_KIND", "Labels4FreeError", "L4FState", "L4FPrograms", "l4f_programs", "generator_sha256",
            "Labels4FreeResult", "fit_labels4free", "evaluate_masks", "EVAL_DIR"]

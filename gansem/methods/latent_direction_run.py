@@ -47,7 +47,6 @@ checkpoint; the evaluation is recomputed.
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import time
 from typing import Mapping, Optional
@@ -60,12 +59,11 @@ from ..batching import map_batches
 from ..features import to_uint8
 from ..generators.base import Generator
 from ..metrics import binary_segmentation_metrics, max_f_beta
-from ..ufgs.dataset import ShardSink, plan_shards
-from ..ufgs.records import FORMAT_NAME, FORMAT_VERSION, INDEX_FILE, DatasetError, encode_pair, label_bits, open_dataset
+from ..ufgs.records import INDEX_FILE, DatasetError, encode_pair, open_dataset
 from ..ufgs.train import fit_segmenter
 from .latent_direction import (DirectionConfig, LatentDirectionError, iter_masks, latent_space, optimise_directions,
                                refine_masks)
-from .stylemix_run import MASK_CLASSES, MASK_PALETTE, reference_foreground
+from .mask_dataset import enlarge, finish_mask_dataset, reference_foreground, start_mask_dataset
 
 __all__ = ["STREAMS", "run_latent_direction", "write_direction_dataset", "directions_figure", "ellipse_mask",
            "mean_box_size", "evaluate_masks", "foreground_probability"]
@@ -76,11 +74,6 @@ _FIGURE_SAMPLES = 8
 _DROPPED_GREY = 96
 
 
-def _enlarge(tiles: np.ndarray, target: int = 64) -> np.ndarray:
-    scale = max(1, target // tiles.shape[-2])
-    return tiles.repeat(scale, axis=-3).repeat(scale, axis=-2)
-
-
 def _mask_rgb(mask: np.ndarray, value: int = 255) -> np.ndarray:
     return np.repeat((np.asarray(mask, bool) * value).astype(np.uint8)[..., None], 3, -1)
 
@@ -89,7 +82,7 @@ def directions_figure(out: Mapping[str, np.ndarray], refined: np.ndarray, keep: 
     """One row per sample: ``G(z) | G(z+εv_l) | G(z+εv_d) | M(z) | refined mask`` (grey when the sample is dropped)."""
     cols = [to_uint8(out["image"]), to_uint8(out["light"]), to_uint8(out["dark"]), _mask_rgb(out["mask"]),
             np.stack([_mask_rgb(m, 255 if k else _DROPPED_GREY) for m, k in zip(refined, keep)])]
-    tiles = _enlarge(np.stack(cols, 1).reshape((-1,) + cols[0].shape[1:]))
+    tiles = enlarge(np.stack(cols, 1).reshape((-1,) + cols[0].shape[1:]))
     return viz.save_png(path, viz.image_grid(tiles, ncols=len(cols)))
 
 
@@ -114,31 +107,14 @@ def write_direction_dataset(gen: Generator, params, config: DirectionConfig, v_l
     if num_samples < 1 or shard_size < 1 or max_candidates_factor < 1:
         raise DatasetError(f"num_samples, shard_size and max_candidates_factor must be >= 1, got {num_samples}, "
                            f"{shard_size} and {max_candidates_factor}")
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise DatasetError(f"dataset directory {out_dir!r} is not empty; choose a new one")
-    os.makedirs(out_dir, exist_ok=True)
-    res = int(gen.resolution)
-    meta = {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, "complete": False,
-        "num_samples": int(num_samples), "shard_size": int(shard_size),
-        "shards": plan_shards(int(num_samples), int(shard_size)),
-        "k": 2, "num_classes": 2, "class_names": list(MASK_CLASSES), "threshold": None,
-        "palette": MASK_PALETTE.tolist(), "resolution": res, "label_bits": label_bits(2),
-        "latent_shape": [int(d) for d in gen.latent_shape], "class_conditional": bool(gen.num_classes),
-        "seed": int(seed), "batch_size": int(batch_size),
-        "sampling": f"candidate i: the latent (and class) of fold_in(fold_in(key({int(seed)}), "
-                    f"{STREAMS['dataset']}), i); the kept candidates in order are the samples",
-        "method": {"name": "latent_direction", "paper": "seed 004, Sec. 3.2", "config": vars(config),
-                   "latent_space": latent_space(gen), "epsilon": config.shift(gen)},
-        "generator": dict(generator_info or {"family": gen.family}, config=gen.to_config()),
-        "command": command,
-        "software": {"jax": jax.__version__, "platform": jax.default_backend(), "python": platform.python_version(),
-                     "devices": 1 if mesh is None else int(mesh.devices.size)},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    ipath = os.path.join(out_dir, INDEX_FILE)
-    training.write_json(ipath, meta)
-    sink = ShardSink(out_dir, meta, meta["shards"], retry="then write again into a new directory")
+    meta, sink = start_mask_dataset(
+        out_dir, gen, num_samples=num_samples, shard_size=shard_size, resolution=int(gen.resolution), seed=seed,
+        batch_size=batch_size, class_conditional=bool(gen.num_classes),
+        sampling=f"candidate i: the latent (and class) of fold_in(fold_in(key({int(seed)}), "
+                 f"{STREAMS['dataset']}), i); the kept candidates in order are the samples",
+        method={"name": "latent_direction", "paper": "seed 004, Sec. 3.2", "config": vars(config),
+                "latent_space": latent_space(gen), "epsilon": config.shift(gen)},
+        generator_info=generator_info, command=command, mesh=mesh)
     limit = int(max_candidates_factor) * int(num_samples)
     counts = {"candidates": 0, "too_small": 0, "too_large": 0, "no_change": 0}
     written = 0
@@ -165,21 +141,12 @@ def write_direction_dataset(gen: Generator, params, config: DirectionConfig, v_l
         sink.close()
     meta["refinement"] = dict(counts, kept=written)
     if written < num_samples:
-        training.write_json(ipath, meta)
+        training.write_json(os.path.join(out_dir, INDEX_FILE), meta)
         raise DatasetError(f"only {written} of {counts['candidates']} candidates survive the refinement "
                            f"(dropped: {counts['too_small']} too little foreground, {counts['too_large']} too much, "
                            f"{counts['no_change']} too little brightness change); {num_samples} were asked for. "
                            "Loosen --min-foreground/--max-foreground/--min-change, or train the directions longer")
-    meta["complete"] = True
-    training.write_json(ipath, meta)
-    ds = open_dataset(out_dir)
-    items = [ds[i] for i in range(min(8, len(ds)))]
-    ds.close()
-    imgs = np.stack([it["image"] for it in items])
-    over = viz.overlay(imgs, np.stack([it["label"] for it in items]), alpha=0.6, colors=MASK_PALETTE)
-    viz.save_png(os.path.join(out_dir, "preview.png"),
-                 viz.image_grid(_enlarge(np.stack([imgs, over], 1).reshape((-1,) + imgs.shape[1:])), ncols=8))
-    return meta
+    return finish_mask_dataset(out_dir, meta)
 
 
 # -- evaluation ----------------------------------------------------------------------------------
@@ -247,7 +214,7 @@ def _evaluation_figure(images, reference, rows: Mapping[str, np.ndarray], path: 
     ref = np.where(reference == 1, 1, 0)
     cols = [images, viz.overlay(images, ref, alpha=0.6, colors=red)]
     cols += [viz.overlay(images, np.asarray(m, np.int32), alpha=0.6, colors=red) for m in rows.values()]
-    tiles = _enlarge(np.stack(cols, 1).reshape((-1,) + images.shape[1:]))
+    tiles = enlarge(np.stack(cols, 1).reshape((-1,) + images.shape[1:]))
     return viz.save_png(path, viz.image_grid(tiles, ncols=len(cols)))
 
 

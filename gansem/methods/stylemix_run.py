@@ -27,43 +27,25 @@ directory is a UFGS pair dataset (:mod:`gansem.ufgs.records`) that
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import time
 from typing import Optional, Sequence
 
 import jax
 import numpy as np
 
-from .. import viz
+from .. import training, viz
 from ..features import to_uint8
 from ..generators.base import Generator
 from ..metrics import binary_segmentation_metrics
-from ..ufgs.dataset import ShardSink, plan_shards
-from ..ufgs.records import (FORMAT_NAME, FORMAT_VERSION, INDEX_FILE, DatasetError, encode_pair, label_bits,
-                            open_dataset)
+from ..ufgs.records import DatasetError, encode_pair
+from .mask_dataset import MASK_CLASSES, MASK_PALETTE, enlarge, finish_mask_dataset, reference_foreground, start_mask_dataset
 from .stylemix import COLOR_SPACES, StyleMixConfig, StyleMixError, iter_segments, segment_samples
 
 __all__ = ["MASK_CLASSES", "MASK_PALETTE", "run_stylemix", "run_ablation", "write_mask_dataset",
            "stylemix_figure", "reference_foreground"]
 
-#: Class names and colours of the mask datasets.
-MASK_CLASSES = ("background", "foreground")
-MASK_PALETTE = np.array([[0, 0, 0], [255, 255, 255]], np.uint8)
 _NUM_FIGURE_VARIANTS = 6
-
-
-def _save_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
-def _enlarge(tiles: np.ndarray, target: int = 64) -> np.ndarray:
-    scale = max(1, target // tiles.shape[-2])  # tiny generators: make the pixels visible
-    return tiles.repeat(scale, axis=-3).repeat(scale, axis=-2)
 
 
 def stylemix_figure(images, variants, clusters, masks, path: str, k: int) -> str:
@@ -78,17 +60,8 @@ def stylemix_figure(images, variants, clusters, masks, path: str, k: int) -> str
     cols = viz.colorize(clusters, viz.palette(k))
     over = viz.overlay(images, masks.astype(np.int32), alpha=0.6, colors=np.array([[0, 0, 0], [255, 64, 64]]))
     rows = np.concatenate([images[:, None], v, cols[:, None], over[:, None]], axis=1)  # [B, 3 + n', h, w, 3]
-    tiles = _enlarge(rows.reshape((-1,) + rows.shape[2:]))
+    tiles = enlarge(rows.reshape((-1,) + rows.shape[2:]))
     return viz.save_png(path, viz.image_grid(tiles, ncols=rows.shape[1]))
-
-
-def reference_foreground(labels_fn, images: np.ndarray, ignore_label: Optional[int] = None) -> np.ndarray:
-    """Reference foreground masks ``[B, h, w]`` uint8 from a labeller (class 0 = background; ``ignore_label`` kept)."""
-    labels = np.asarray(labels_fn(images))
-    ref = (labels != 0).astype(np.uint8)
-    if ignore_label is not None:
-        ref[labels == ignore_label] = ignore_label
-    return ref
 
 
 def _scores(masks, ref, ignore_label) -> dict:
@@ -145,7 +118,7 @@ def _ablation_figure(images, masks: dict, path: str) -> str:
     settings = list(masks)
     cols = [images] + [viz.overlay(images, masks[s].astype(np.int32), alpha=0.6,
                                    colors=np.array([[0, 0, 0], [255, 64, 64]])) for s in settings]
-    tiles = _enlarge(np.stack(cols, axis=1).reshape((-1,) + images.shape[1:]))
+    tiles = enlarge(np.stack(cols, axis=1).reshape((-1,) + images.shape[1:]))
     return viz.save_png(path, viz.image_grid(tiles, ncols=len(cols)))
 
 
@@ -169,31 +142,14 @@ def write_mask_dataset(gen: Generator, params, config: StyleMixConfig, out_dir: 
     """
     if num_samples < 1 or shard_size < 1:
         raise DatasetError(f"num_samples and shard_size must be >= 1, got {num_samples} and {shard_size}")
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise DatasetError(f"dataset directory {out_dir!r} is not empty; choose a new one")
     config.check(gen)
-    os.makedirs(out_dir, exist_ok=True)
-    res = config.out_resolution(gen)
-    meta = {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, "complete": False,
-        "num_samples": int(num_samples), "shard_size": int(shard_size),
-        "shards": plan_shards(int(num_samples), int(shard_size)),
-        "k": 2, "num_classes": 2, "class_names": list(MASK_CLASSES), "threshold": None,
-        "palette": MASK_PALETTE.tolist(), "resolution": res, "label_bits": label_bits(2),
-        "latent_shape": [int(d) for d in gen.latent_shape], "class_conditional": False,
-        "seed": int(seed), "batch_size": int(batch_size),
-        "sampling": f"sample i: the structure latent and style latents of fold_in(key({int(seed)}), i) "
-                    "(gansem.methods.stylemix.image_inputs)",
-        "method": {"name": "stylemix", "paper": "seed 003, Sec. 3.2", "config": vars(config)},
-        "generator": dict(generator_info or {"family": gen.family}, config=json.loads(json.dumps(gen.to_config()))),
-        "command": command,
-        "software": {"jax": jax.__version__, "platform": jax.default_backend(), "python": platform.python_version(),
-                     "devices": 1 if mesh is None else int(mesh.devices.size)},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    ipath = os.path.join(out_dir, INDEX_FILE)
-    _save_json(ipath, meta)
-    sink = ShardSink(out_dir, meta, meta["shards"], retry="then write again into a new directory")
+    meta, sink = start_mask_dataset(
+        out_dir, gen, num_samples=num_samples, shard_size=shard_size, resolution=config.out_resolution(gen),
+        seed=seed, batch_size=batch_size, class_conditional=False,
+        sampling=f"sample i: the structure latent and style latents of fold_in(key({int(seed)}), i) "
+                 "(gansem.methods.stylemix.image_inputs)",
+        method={"name": "stylemix", "paper": "seed 003, Sec. 3.2", "config": vars(config)},
+        generator_info=generator_info, command=command, mesh=mesh)
     try:
         for start, stop, out in iter_segments(gen, params, config, key, np.arange(num_samples), mesh=mesh,
                                               batch_size=batch_size, progress=progress, desc="mask dataset"):
@@ -203,23 +159,7 @@ def write_mask_dataset(gen: Generator, params, config: StyleMixConfig, out_dir: 
                                        index=start + r, latent=out["latent"][r]))
     finally:
         sink.close()
-    meta["complete"] = True
-    _save_json(ipath, meta)
-    ds = open_dataset(out_dir)  # read back: the index and every shard's record count
-    n = min(8, len(ds))
-    items = [ds[i] for i in range(n)]
-    ds.close()
-    imgs = np.stack([it["image"] for it in items])
-    over = viz.overlay(imgs, np.stack([it["label"] for it in items]), alpha=0.6, colors=MASK_PALETTE)
-    viz.save_png(os.path.join(out_dir, "preview.png"),
-                 viz.image_grid(_enlarge(np.stack([imgs, over], 1).reshape((-1,) + imgs.shape[1:])), ncols=8))
-    _save_json(os.path.join(out_dir, "manifest.json"), {
-        "format": f"{FORMAT_NAME} version {FORMAT_VERSION}",
-        "files": {INDEX_FILE: "settings, generator, shard list with counts and SHA-256",
-                  "pairs-SSSSS-of-NNNNN.array_record": "one record per (image, mask) pair (gansem.ufgs.records)",
-                  "preview.png": "the first samples: image | mask over the image", "manifest.json": "this file"},
-        "read": "gansem.ufgs.records.open_dataset(DIR); train: python launch/train_segmenter.py --data DIR"})
-    return meta
+    return finish_mask_dataset(out_dir, meta)
 
 
 def _markdown(summary: dict) -> str:
@@ -293,7 +233,7 @@ def run_stylemix(gen: Generator, params, config: StyleMixConfig, out_dir: str, *
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
     info = dict(generator_info or {"family": gen.family})
-    _save_json(os.path.join(out_dir, "config.json"), {
+    training.write_json(os.path.join(out_dir, "config.json"), {
         "method": "stylemix (seed 003)", "config": vars(config), "seed": seed, "num_images": num_images,
         "batch_size": batch_size, "ablation_cutoffs": list(ablation_cutoffs), "dataset_samples": dataset_samples,
         "generator": info, "generator_config": gen.to_config(), "command": command})
@@ -339,8 +279,8 @@ def run_stylemix(gen: Generator, params, config: StyleMixConfig, out_dir: str, *
         summary["dataset"], summary["dataset_samples"] = ddir, int(dataset_samples)
         files["dataset/"] = "the mask dataset (UFGS format: index.json + array_record shards, preview.png)"
     summary["seconds"] = time.time() - t0
-    _save_json(os.path.join(out_dir, "report.json"), summary)
+    training.write_json(os.path.join(out_dir, "report.json"), summary)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(_markdown(summary))
-    _save_json(os.path.join(out_dir, "manifest.json"), {"files": files})
+    training.write_json(os.path.join(out_dir, "manifest.json"), {"files": files})
     return summary
