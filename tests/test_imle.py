@@ -4,10 +4,8 @@ import dataclasses
 import importlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -20,6 +18,7 @@ from gansem.methods import imle
 from gansem.methods.cluster_sampling import (ClusterSamplingConfig, collapse_check, load_clusters,
                                              mean_pairwise_distance, run_cluster_sampling)
 from gansem.methods.latent_clusters import ClusterLevel, LevelSpec, leaf_labels
+from kill_resume import kill_at_first_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "launch"))
@@ -328,12 +327,7 @@ def test_launch_sigkill_then_resume_reproduces_the_loss_curve(tmp_path):
     killed = str(tmp_path / "killed")
     proc = subprocess.Popen([sys.executable, script, *common, "--epochs", "30", "--out", killed], env=env)
     ckdir = os.path.join(killed, "checkpoints")
-    deadline = time.time() + 120
-    while time.time() < deadline and not (os.path.isdir(ckdir) and any(d.isdigit() for d in os.listdir(ckdir))):
-        time.sleep(0.05)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_first_checkpoint(proc, ckdir, timeout=120, settle=0.3)
     assert not os.path.isfile(os.path.join(killed, "report.json")), "the run ended before it was killed"
     subprocess.run([sys.executable, script, *common, "--epochs", "30", "--out", killed, "--resume"], check=True,
                    env=env)

@@ -3,10 +3,8 @@
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +22,7 @@ from gansem.methods import labels4free as l4f
 from gansem.methods.labels4free_run import Labels4FreeError, _folder_reference, evaluate_masks, fit_labels4free
 from gansem.methods.stylegan2_discriminator import StyleGAN2Discriminator, minibatch_stddev
 from gansem.zoo import load_generator
+from kill_resume import kill_at_first_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = StyleGAN2(z_dim=8, w_dim=8, img_resolution=8, channel_base=64, channel_max=8, mapping_layers=1)
@@ -344,11 +343,7 @@ def test_launch_sigkill_then_resume(tmp_path):
     killed = str(tmp_path / "killed")
     proc = subprocess.Popen([sys.executable, script, *common, "--steps", "12", "--out", killed], env=env)
     ckdir = os.path.join(killed, "checkpoints")
-    deadline = time.time() + 300
-    while time.time() < deadline and not (os.path.isdir(ckdir) and any(d.isdigit() for d in os.listdir(ckdir))):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_first_checkpoint(proc, ckdir, timeout=300)
     assert not os.path.isfile(os.path.join(killed, "report.json")), "the run ended before it was killed"
     subprocess.run([sys.executable, script, *common, "--steps", "12", "--out", killed, "--resume"], check=True,
                    env=env)

@@ -4,10 +4,8 @@ the BCE identity of the 2-class segmenter, baselines, families, devices, resume,
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +24,7 @@ from gansem.methods import latent_direction_run as ldr
 from gansem.ufgs.records import open_dataset
 from gansem.ufgs.train import pixel_cross_entropy
 from gansem.zoo import load_generator
+from kill_resume import kill_at_first_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DCGAN = DCGAN(nz=8, ngf=4, num_blocks=2)  # 16 x 16
@@ -345,12 +344,7 @@ def test_direction_search_resumes_after_a_kill(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, ck, run, "100000"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = os.path.join(run, "checkpoints")
-    deadline = time.time() + 240
-    while time.time() < deadline and not (os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))):
-        time.sleep(0.5)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_first_checkpoint(proc, ckpts, timeout=240, settle=1.0, poll=0.5)
     steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
     assert steps, "no checkpoint before the kill"
     target = steps[-1] + 4
