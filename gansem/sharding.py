@@ -463,6 +463,12 @@ def _ordered_sum(p):
 #: whatever the number of host threads (checked for XLA:CPU: larger contractions are split across threads).
 TDOT_BLOCK_ROWS = 256
 
+#: Largest ``blocks × P × Q`` for which :func:`rows_tdot` computes all block products in one batched
+#: product before adding them; above it, each block's product is added as it is computed (a scan), so
+#: memory stays ``P × Q`` (the bits are the same either way: each block is one ``[block, P] x [block, Q]``
+#: product, and the sum runs in block order).
+TDOT_BATCHED_MAX_ELEMENTS = 1 << 20
+
 
 def rows_tdot(a, b, block: int = TDOT_BLOCK_ROWS):
     """``aᵀ b``, a sum over rows, with a summation order fixed by the shapes alone.
@@ -485,10 +491,17 @@ def rows_tdot(a, b, block: int = TDOT_BLOCK_ROWS):
         return jnp.tensordot(a, b, axes=(0, 0))
     nb = -(-n // block)
     pad = nb * block - n
-    a2 = jnp.pad(a.reshape(n, -1), ((0, pad), (0, 0))).reshape(nb, block, -1)
+    a2 = jnp.pad(a.reshape(n, -1), ((0, pad), (0, 0))).reshape(nb, block, -1)  # zero padding rows add exact zeros
     b2 = jnp.pad(b.reshape(n, -1), ((0, pad), (0, 0))).reshape(nb, block, -1)
-    parts = jnp.einsum("grp,grq->gpq", a2, b2)  # zero padding rows add exact zeros
-    return _ordered_sum(parts).reshape(a.shape[1:] + b.shape[1:])
+    if nb * a2.shape[-1] * b2.shape[-1] <= TDOT_BATCHED_MAX_ELEMENTS:
+        total = _ordered_sum(jnp.einsum("grp,grq->gpq", a2, b2))
+    else:  # e.g. a covariance of 960 channels: one block's product at a time, not nb of them held at once
+
+        def body(acc, blocks):
+            return acc + jnp.einsum("rp,rq->pq", *blocks), None
+
+        total, _ = jax.lax.scan(body, jnp.einsum("rp,rq->pq", a2[0], b2[0]), (a2[1:], b2[1:]))
+    return total.reshape(a.shape[1:] + b.shape[1:])
 
 
 def row_map(fn, mesh, layout: RowLayout, row_args, bcast_args=()):

@@ -42,3 +42,14 @@ def test_rows_tdot_has_the_same_bits_with_one_cpu_device_as_with_eight(tmp_path)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
     subprocess.run([sys.executable, "-c", _CHILD.format(root=ROOT, out=out)], check=True, env=env, timeout=120)
     np.testing.assert_array_equal(np.load(out), here)
+
+
+def test_rows_tdot_adds_large_products_block_by_block_with_the_same_bits(rng, monkeypatch):
+    """Above ``TDOT_BATCHED_MAX_ELEMENTS`` the blocks' products are added as they are computed (memory ``P × Q``)."""
+    a = rng.standard_normal((2000, 40)).astype(np.float32)
+    b = rng.standard_normal((2000, 24)).astype(np.float32)
+    batched = np.asarray(jax.jit(sharding.rows_tdot)(a, b))
+    monkeypatch.setattr(sharding, "TDOT_BATCHED_MAX_ELEMENTS", 0)
+    scanned = np.asarray(jax.jit(sharding.rows_tdot)(a, b))
+    np.testing.assert_array_equal(scanned, batched)
+    np.testing.assert_allclose(scanned, a.astype(np.float64).T @ b, rtol=1e-4, atol=1e-3)
