@@ -232,23 +232,26 @@ def checkpoint_manager(run_dir: str, *, create: bool = False, max_to_keep: int =
     )
 
 
-def stored_run(out_dir: str, resume: bool, *, read_meta: Callable[[str], dict], error: type, what: str) -> Optional[dict]:
-    """The ``model.json`` of the run in ``out_dir`` to resume; ``None`` if ``out_dir`` is new or empty.
+def stored_run(out_dir: str, resume: bool, *, read_meta: Callable[[str], dict], error: type, what: str,
+               meta_file: str = MODEL_FILE) -> Optional[dict]:
+    """The description (``meta_file``, default ``model.json``) of the run in ``out_dir`` to resume;
+    ``None`` if ``out_dir`` is new or empty.
 
     Args:
-        read_meta: reads and checks the ``model.json`` of a run directory.
+        read_meta: reads and checks the ``meta_file`` of a run directory.
         error: the exception class to raise; ``what``: the kind of run, for messages (``"segmenter"``).
+        meta_file: the file whose presence marks a run directory of this kind.
 
     Raises:
         error: ``out_dir`` holds such a run and ``resume`` is false, or it holds anything else.
     """
-    if os.path.isfile(os.path.join(out_dir, MODEL_FILE)):
+    if os.path.isfile(os.path.join(out_dir, meta_file)):
         if not resume:
             raise error(f"{out_dir!r} already holds a {what} training run; pass resume=True (--resume) to continue it, "
                         "or choose a new directory")
         return read_meta(out_dir)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise error(f"{out_dir!r} exists and is not a {what} run directory (no {MODEL_FILE}); "
+        raise error(f"{out_dir!r} exists and is not a {what} run directory (no {meta_file}); "
                     "choose a new or empty directory")
     return None
 

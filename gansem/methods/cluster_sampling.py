@@ -41,7 +41,6 @@ Run directory (``out_dir``)::
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Optional, Sequence
@@ -279,31 +278,30 @@ def _save_clusters(run_dir: str, levels, latents, class_labels, labels, leaf) ->
     os.replace(tmp, os.path.join(run_dir, CLUSTERS_FILE))
 
 
-def _open_run_dir(out_dir: str, resume: bool, settings: dict) -> bool:
-    """Checks ``out_dir`` against the request; ``True`` if it holds the run to resume."""
+def _read_config(out_dir: str) -> dict:
     path = os.path.join(out_dir, CONFIG_FILE)
-    if os.path.isfile(path):
-        if not resume:
-            raise ClusterSamplingError(f"{out_dir!r} already holds a cluster-sampling run; pass --resume to "
-                                       "continue it, or choose a new directory")
-        try:
-            with open(path) as f:
-                old = json.load(f)["config"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ClusterSamplingError(f"{path} cannot be read ({e}); the run directory is damaged") from e
-        diff = sorted(k for k in settings if k not in RESUMABLE and old.get(k) != settings[k])
-        if diff:
-            was = ", ".join(f"{k}={json.dumps(old.get(k))}" for k in diff)
-            now = ", ".join(f"{k}={json.dumps(settings[k])}" for k in diff)
-            raise ClusterSamplingError(f"cannot resume {out_dir!r}: it was created with {was}, this call has "
-                                       f"{now}; resume with the run's settings, or use a new directory")
-        return True
-    if resume:
-        raise ClusterSamplingError(f"--resume: {out_dir!r} holds no cluster-sampling run ({CONFIG_FILE} missing)")
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise ClusterSamplingError(f"{out_dir!r} exists and is not a cluster-sampling run; choose a new or empty "
-                                   "directory")
-    return False
+    stored = training.read_json(path, ClusterSamplingError, f"{path} is missing")
+    if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
+        raise ClusterSamplingError(f"{path} holds no run settings; the run directory is damaged")
+    return stored
+
+
+def _open_run_dir(out_dir: str, resume: bool, settings: dict) -> bool:
+    """Checks ``out_dir`` against the request; ``True`` if it holds the run to resume.
+
+    Every setting outside :data:`RESUMABLE` must be the run's; one the run does not record (a run
+    written before the setting existed) counts as different.
+    """
+    stored = training.stored_run(out_dir, resume, read_meta=_read_config, error=ClusterSamplingError,
+                                 what="cluster-sampling", meta_file=CONFIG_FILE)
+    if stored is None:
+        if resume:
+            raise ClusterSamplingError(f"--resume: {out_dir!r} holds no cluster-sampling run ({CONFIG_FILE} missing)")
+        return False
+    fixed = [k for k in settings if k not in RESUMABLE]
+    old = {k: stored["config"].get(k) for k in fixed}
+    training.check_same_settings(out_dir, old, settings, fixed, error=ClusterSamplingError)
+    return True
 
 
 def _log(msg: str, quiet: bool) -> None:
